@@ -1,0 +1,22 @@
+"""Book-wide checks: run records are complete, chapters are in the table of contents."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scratchlm.runs import read_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("record", sorted((ROOT / "book/_runs").glob("*.json")), ids=lambda p: p.name)
+def test_every_run_record_is_complete(record):
+    assert read_record(record)["command"].startswith("python -m scratchlm")
+
+
+def test_every_chapter_is_in_the_table_of_contents():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    listed = {toc["root"]} | {entry["file"] for entry in toc["chapters"]}
+    chapters = {f"book/{p.stem}" for p in (ROOT / "book").glob("[0-9][0-9]_*.md")}
+    assert chapters <= listed
