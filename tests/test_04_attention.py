@@ -1,0 +1,276 @@
+"""Chapter 4: the layer convention, softmax, attention and the tiny attention model."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scratchlm.attention import (
+    CausalSelfAttention,
+    TinyAttentionLM,
+    attention_backward,
+    attention_forward,
+    causal_mask,
+    gradient_descent,
+    held_out_nll,
+    masked_softmax,
+)
+from scratchlm.errors import ScratchLMError
+from scratchlm.gradcheck import check_gradients, check_layer, numerical_gradient
+from scratchlm.layers import Embedding, Linear, log_softmax, softmax, softmax_backward, softmax_cross_entropy
+
+TOLERANCE = 1e-6
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def assert_all_below(errors):
+    assert errors, "nothing was checked"
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE, f"{worst}: relative error {errors[worst]:.2e}"
+
+
+# --- softmax -------------------------------------------------------------------------------------
+
+
+def test_softmax_backward_matches_finite_differences():
+    r = rng()
+    scores, weights = r.standard_normal((3, 4, 7)), r.standard_normal((3, 4, 7))
+    probs = softmax(scores)
+    analytic = softmax_backward(probs, weights)
+    assert_all_below(check_gradients(lambda: float((weights * softmax(scores)).sum()), {"scores": scores}, {"scores": analytic}))
+
+
+def test_softmax_and_log_softmax_survive_huge_scores():
+    scores = np.array([[1000.0, 999.0, -1000.0], [-1e4, 0.0, 1e4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs, log_probs = softmax(scores), log_softmax(scores)
+    assert np.isfinite(probs).all() and np.isfinite(log_probs[:, :2]).all()
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0)
+    np.testing.assert_allclose(np.exp(log_probs), probs, atol=1e-300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scores=st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=12),
+    allowed=st.lists(st.booleans(), min_size=12, max_size=12),
+)
+def test_masked_softmax_is_a_distribution_over_allowed_keys_or_all_zero(scores, allowed):
+    scores = np.array(scores)
+    mask = np.array(allowed[: len(scores)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = masked_softmax(scores, mask)
+    assert np.isfinite(probs).all()
+    assert (probs[~mask] == 0).all()
+    assert probs.sum() == pytest.approx(1.0 if mask.any() else 0.0)
+
+
+def test_fully_masked_row_gives_zeros_and_zero_gradients_not_nan():
+    r = rng(1)
+    q, k, v = (r.standard_normal((2, 4, 3)) for _ in range(3))
+    mask = causal_mask(4).copy()
+    mask[2] = False  # query 2 may look at nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, probs = attention_forward(q, k, v, mask)
+        grads = attention_backward(np.ones_like(out), q, k, v, probs)
+    assert (out[:, 2] == 0).all() and (probs[:, 2] == 0).all()
+    assert all(np.isfinite(g).all() for g in grads)
+
+
+def test_masked_attention_backward_matches_finite_differences():
+    r = rng(2)
+    q, k, v = r.standard_normal((2, 5, 3)), r.standard_normal((2, 6, 3)), r.standard_normal((2, 6, 3))
+    mask = r.random((5, 6)) < 0.6
+    mask[1] = False  # include a fully masked row
+    weights = r.standard_normal((2, 5, 3))
+    out, probs = attention_forward(q, k, v, mask)
+    dq, dk, dv = attention_backward(weights, q, k, v, probs)
+
+    def loss():
+        return float((weights * attention_forward(q, k, v, mask)[0]).sum())
+
+    assert_all_below(check_gradients(loss, {"q": q, "k": k, "v": v}, {"q": dq, "k": dk, "v": dv}))
+
+
+# --- layers and the checker ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda r: Linear(4, 3, rng=r, dtype=np.float64), lambda r: r.standard_normal((2, 3, 4))),
+        (lambda r: Embedding(5, 3, rng=r, dtype=np.float64), lambda r: np.array([[0, 4, 4], [2, 0, 1]])),
+        (lambda r: CausalSelfAttention(8, 2, rng=r, dtype=np.float64), lambda r: r.standard_normal((2, 5, 8))),
+        (lambda r: CausalSelfAttention(6, 3, rng=r, dtype=np.float64), lambda r: r.standard_normal((1, 1, 6))),
+        (lambda r: TinyAttentionLM(7, 6, 8, 2, rng=r, dtype=np.float64), lambda r: r.integers(0, 7, (2, 6))),
+    ],
+    ids=["linear", "embedding", "attention", "attention-one-token", "tiny-model"],
+)
+def test_layer_gradients_match_finite_differences(make, x):
+    r = rng(3)
+    layer = make(r)
+    errors = check_layer(layer, x(r), r)
+    assert set(layer.params) <= set(errors)
+    assert_all_below(errors)
+
+
+def test_softmax_cross_entropy_gradient_and_value():
+    r = rng(4)
+    logits, targets = r.standard_normal((3, 4, 6)), r.integers(0, 6, (3, 4))
+    loss, dlogits = softmax_cross_entropy(logits, targets)
+    expected = -np.mean(np.log(softmax(logits))[np.arange(3)[:, None], np.arange(4), targets])
+    assert loss == pytest.approx(expected)
+    assert_all_below(check_gradients(lambda: softmax_cross_entropy(logits, targets)[0], {"logits": logits}, {"logits": dlogits}))
+
+
+def test_checker_catches_a_wrong_backward():
+    class Doubled(Linear):
+        def backward(self, dy):
+            return 2 * super().backward(dy)
+
+    r = rng(5)
+    errors = check_layer(Doubled(3, 2, rng=r, dtype=np.float64), r.standard_normal((4, 3)), r)
+    assert errors["input"] > 0.1 and errors["weight"] <= TOLERANCE
+
+
+def test_checker_refuses_float32():
+    with pytest.raises(ScratchLMError, match="float64"):
+        numerical_gradient(lambda: 0.0, np.zeros(3, dtype=np.float32))
+
+
+def test_backward_accumulates_and_parents_share_the_arrays():
+    r = rng(6)
+    layer = CausalSelfAttention(4, 2, rng=r, dtype=np.float64)
+    x, dy = r.standard_normal((2, 3, 4)), r.standard_normal((2, 3, 4))
+    layer.forward(x)
+    layer.backward(dy)
+    once = {name: grad.copy() for name, grad in layer.grads.items()}
+    layer.forward(x)
+    layer.backward(dy)
+    for name, grad in layer.grads.items():
+        np.testing.assert_allclose(grad, 2 * once[name])
+    assert layer.params["qkv.weight"] is layer.qkv.params["weight"]
+    assert layer.grads["proj.bias"] is layer.proj.grads["bias"]
+    layer.zero_grads()
+    assert all((grad == 0).all() for grad in layer.qkv.grads.values())
+
+
+# --- multi-head attention: causality, batches, shapes --------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_tokens=st.integers(2, 9), changed=st.integers(0, 8), n_head=st.sampled_from([1, 2, 4]))
+def test_changing_a_later_token_never_changes_an_earlier_output(n_tokens, changed, n_head):
+    changed = changed % n_tokens
+    r = rng(7)
+    layer = CausalSelfAttention(8, n_head, rng=r, dtype=np.float64)
+    x = r.standard_normal((2, n_tokens, 8))
+    before = layer.forward(x)
+    x[:, changed] += r.standard_normal(8)
+    after = layer.forward(x)
+    np.testing.assert_array_equal(after[:, :changed], before[:, :changed])
+    assert not np.allclose(after[:, changed], before[:, changed])
+
+
+def test_each_sequence_is_independent_of_the_rest_of_the_batch():
+    r = rng(8)
+    layer = CausalSelfAttention(8, 4, rng=r, dtype=np.float64)
+    x = r.standard_normal((3, 5, 8))
+    together = layer.forward(x)
+    for b in range(3):
+        np.testing.assert_allclose(layer.forward(x[b : b + 1])[0], together[b], rtol=1e-12, atol=1e-12)
+    dy = r.standard_normal(x.shape)
+    layer.forward(x)
+    dx = layer.backward(dy)
+    layer.forward(x[1:2])
+    np.testing.assert_allclose(layer.backward(dy[1:2])[0], dx[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_is_kept_through_forward_and_backward(dtype):
+    r = rng(9)
+    layer = CausalSelfAttention(8, 2, rng=r, dtype=dtype)
+    x = r.standard_normal((2, 3, 8)).astype(dtype)
+    y = layer.forward(x)
+    dx = layer.backward(np.ones_like(y))
+    assert y.dtype == dtype and dx.dtype == dtype and y.shape == x.shape
+    assert all(grad.dtype == dtype for grad in layer.grads.values())
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (np.zeros((2, 3, 8)), "float32"),
+        (np.zeros((2, 3, 7), dtype=np.float32), r"\(\.\.\., 8\)"),
+        (np.zeros((3, 8), dtype=np.float32), r"\(batch, tokens, 8\)"),
+        ([[[0.0] * 8]], "float32"),
+    ],
+)
+def test_bad_inputs_are_one_clear_error(x, message):
+    layer = CausalSelfAttention(8, 2, rng=rng(), dtype=np.float32)
+    with pytest.raises(ScratchLMError, match=message):
+        layer.forward(x)
+
+
+def test_bad_construction_and_ids_are_clear_errors():
+    with pytest.raises(ScratchLMError, match="d_model=10"):
+        CausalSelfAttention(10, 4, rng=rng())
+    model = TinyAttentionLM(5, 4, 8, 2, rng=rng())
+    with pytest.raises(ScratchLMError, match="id 5"):
+        model.forward(np.array([[1, 5]]))
+    with pytest.raises(ScratchLMError, match=r"1\.\.4"):
+        model.forward(np.zeros((1, 5), dtype=np.int64))
+    with pytest.raises(ScratchLMError, match="targets"):
+        softmax_cross_entropy(np.zeros((2, 5)), np.array([0, 5]))
+
+
+# --- the tiny model ------------------------------------------------------------------------------
+
+
+def test_training_is_deterministic_and_learns():
+    text = np.tile(np.array([0, 1, 2, 3, 2, 1], dtype=np.int64), 200)
+
+    def train(seed):
+        model = TinyAttentionLM(4, 8, 16, 2, rng=np.random.default_rng(seed))
+        curve = gradient_descent(model, text, steps=60, batch_size=8, learning_rate=0.3, rng=np.random.default_rng(seed))
+        return curve, held_out_nll(model, text[:100])
+
+    (curve, nll), (again, nll_again) = train(0), train(0)
+    assert curve == again and nll == nll_again
+    assert nll < 0.5 * curve[0][1]
+
+
+def test_held_out_nll_counts_every_character_once():
+    model = TinyAttentionLM(4, 8, 16, 2, rng=rng(), dtype=np.float64)
+    ids = np.arange(21) % 4  # 20 predictions: two full windows of 8 and a tail of 4
+    logits = np.concatenate([model.forward(ids[None, :8]), model.forward(ids[None, 8:16]), model.forward(ids[None, 16:20])], axis=1)
+    expected, _ = softmax_cross_entropy(logits, ids[None, 1:])
+    assert held_out_nll(model, ids) == pytest.approx(expected)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_bench_command_prints_one_json_object():
+    done = subprocess.run(
+        [sys.executable, "-m", "scratchlm", "attention", "bench", "--json", "--repeat", "1", "--tokens", "16"],
+        capture_output=True, text=True, check=True,
+    )
+    result = json.loads(done.stdout)
+    assert result["n_tokens"] == 16 and result["ratio_to_matmul"] > 0
+
+
+def test_bench_command_bad_value_is_one_line_and_status_2():
+    done = subprocess.run([sys.executable, "-m", "scratchlm", "attention", "bench", "--n-head", "3"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "n_head=3" in done.stderr
