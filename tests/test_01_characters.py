@@ -16,6 +16,7 @@ from scratchlm import data
 from scratchlm.bigram import CountBigram, NeuralBigram, bigram_counts, sample_chain, train_neural_bigram
 from scratchlm.chars import CharTokenizer
 from scratchlm.errors import ScratchLMError
+from scratchlm.gradcheck import numerical_gradient, relative_error  # the book's checker (Chapter 4)
 
 # ---------------------------------------------------------------- tokenizer
 
@@ -120,31 +121,14 @@ def test_sampling_is_deterministic_given_the_seed_and_follows_the_table():
 # ---------------------------------------------------------------- neural bigram
 
 
-def _finite_difference(f, W, eps=1e-6):
-    grad = np.zeros_like(W)
-    for index in np.ndindex(W.shape):
-        old = W[index]
-        W[index] = old + eps
-        plus = f()
-        W[index] = old - eps
-        minus = f()
-        W[index] = old
-        grad[index] = (plus - minus) / (2 * eps)
-    return grad
-
-
-def _relative_error(a, b):
-    return np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b)))
-
-
 def test_neural_bigram_gradient_matches_finite_differences():
     rng = np.random.default_rng(0)
     model = NeuralBigram(5, rng)
     model.W[:] = rng.standard_normal((5, 5))
     x, y = rng.integers(0, 5, 40), rng.integers(0, 5, 40)  # many repeated rows: np.add.at must accumulate
     _, analytic = model.loss_and_grad(x, y)
-    numeric = _finite_difference(lambda: model.loss_and_grad(x, y)[0], model.W)
-    assert _relative_error(analytic, numeric) <= 1e-6
+    numeric = numerical_gradient(lambda: model.loss_and_grad(x, y)[0], model.W)
+    assert relative_error(analytic, numeric) <= 1e-6
 
 
 def test_count_form_equals_position_form():
@@ -156,8 +140,8 @@ def test_count_form_equals_position_form():
     loss_counts, grad_counts = model.loss_and_grad_counts(bigram_counts(ids, 6))
     assert loss_counts == pytest.approx(loss_positions, rel=1e-12)
     np.testing.assert_allclose(grad_counts, grad_positions, rtol=1e-10, atol=1e-14)
-    numeric = _finite_difference(lambda: model.loss_and_grad_counts(bigram_counts(ids, 6))[0], model.W)
-    assert _relative_error(grad_counts, numeric) <= 1e-6
+    numeric = numerical_gradient(lambda: model.loss_and_grad_counts(bigram_counts(ids, 6))[0], model.W)
+    assert relative_error(grad_counts, numeric) <= 1e-6
 
 
 def test_gradient_descent_converges_to_the_count_model():
