@@ -168,18 +168,37 @@ def test_backward_accumulates_and_parents_share_the_arrays():
 # --- multi-head attention: causality, batches, shapes --------------------------------------------
 
 
+def later_change_moves_earlier_output(layer, n_tokens, changed, seed=7):
+    """Change the input at position ``changed``: does any output before it move, even by one bit?"""
+    r = rng(seed)
+    x = r.standard_normal((2, n_tokens, layer.d_model))
+    before = layer.forward(x)
+    x[:, changed] += r.standard_normal(layer.d_model)
+    after = layer.forward(x)
+    assert not np.allclose(after[:, changed], before[:, changed])  # the change itself is seen
+    return not np.array_equal(after[:, :changed], before[:, :changed])
+
+
 @settings(max_examples=25, deadline=None)
 @given(n_tokens=st.integers(2, 9), changed=st.integers(0, 8), n_head=st.sampled_from([1, 2, 4]))
 def test_changing_a_later_token_never_changes_an_earlier_output(n_tokens, changed, n_head):
-    changed = changed % n_tokens
-    r = rng(7)
-    layer = CausalSelfAttention(8, n_head, rng=r, dtype=np.float64)
-    x = r.standard_normal((2, n_tokens, 8))
-    before = layer.forward(x)
-    x[:, changed] += r.standard_normal(8)
-    after = layer.forward(x)
-    np.testing.assert_array_equal(after[:, :changed], before[:, :changed])
-    assert not np.allclose(after[:, changed], before[:, changed])
+    layer = CausalSelfAttention(8, n_head, rng=rng(7), dtype=np.float64)
+    assert not later_change_moves_earlier_output(layer, n_tokens, changed % n_tokens)
+
+
+def test_causality_check_catches_a_split_with_the_wrong_transpose():
+    class WrongSplit(CausalSelfAttention):
+        def split_heads(self, x):
+            batch, n_tokens, width = x.shape
+            return x.reshape(batch, self.n_head, width // self.n_head, n_tokens).swapaxes(-1, -2)
+
+        def merge_heads(self, x):
+            batch, n_head, n_tokens, head_size = x.shape
+            return x.swapaxes(-1, -2).reshape(batch, n_tokens, n_head * head_size)
+
+    layer = WrongSplit(8, 2, rng=rng(7), dtype=np.float64)
+    assert_all_below(check_layer(layer, rng(8).standard_normal((2, 6, 8)), rng(9)))  # the referee is fooled...
+    assert later_change_moves_earlier_output(layer, 6, 2)  # ...the causality check is not
 
 
 def test_each_sequence_is_independent_of_the_rest_of_the_batch():
