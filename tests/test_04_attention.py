@@ -251,6 +251,8 @@ def test_bad_construction_and_ids_are_clear_errors():
         model.forward(np.zeros((1, 5), dtype=np.int64))
     with pytest.raises(ScratchLMError, match="targets"):
         softmax_cross_entropy(np.zeros((2, 5)), np.array([0, 5]))
+    with pytest.raises(ScratchLMError, match="got 1"):
+        held_out_nll(model, np.array([3]))
 
 
 # --- the tiny model ------------------------------------------------------------------------------
