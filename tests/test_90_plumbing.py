@@ -1,6 +1,7 @@
 """The appendix: errors, atomic files, array files without pickle, run records, the command line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,13 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
         atomic_write_bytes(target, b"new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.txt"]  # no temporary left behind
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    atomic_write_text(tmp_path / "record.json", "{}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "record.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_arrays_round_trip_with_header(tmp_path):
