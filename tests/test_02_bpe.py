@@ -245,3 +245,10 @@ def test_recorded_run_still_reproduces():
     assert first == record["samples"]
     assert merges_digest(tok.merges) == record["metrics"]["merges_sha256"]
     assert record["metrics"]["merges_identical"] is True
+
+
+def test_text_utf8_cannot_encode_is_a_clear_error(tokenizer):
+    with pytest.raises(ScratchLMError, match="UTF-8 cannot encode"):
+        tokenizer.encode("lone \ud800 surrogate")
+    with pytest.raises(ScratchLMError, match="UTF-8 cannot encode"):
+        BPETokenizer.train("lone \ud800 surrogate", 300)
