@@ -1,12 +1,15 @@
 """Chapter 4: the layer convention, softmax, attention and the tiny attention model."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, require_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +26,7 @@ from scratchlm.attention import (
 from scratchlm.errors import ScratchLMError
 from scratchlm.gradcheck import check_gradients, check_layer, numerical_gradient
 from scratchlm.layers import Embedding, Linear, log_softmax, softmax, softmax_backward, softmax_cross_entropy
+from scratchlm.runs import read_record
 
 TOLERANCE = 1e-6
 
@@ -282,16 +286,51 @@ def test_held_out_nll_counts_every_character_once():
 # --- the command line ----------------------------------------------------------------------------
 
 
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "scratchlm", "attention", *args], capture_output=True, text=True)
+
+
 def test_bench_command_prints_one_json_object():
-    done = subprocess.run(
-        [sys.executable, "-m", "scratchlm", "attention", "bench", "--json", "--repeat", "1", "--tokens", "16"],
-        capture_output=True, text=True, check=True,
-    )
+    done = run_cli("bench", "--json", "--repeat", "1", "--tokens", "16")
+    assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["n_tokens"] == 16 and result["ratio_to_matmul"] > 0
 
 
 def test_bench_command_bad_value_is_one_line_and_status_2():
-    done = subprocess.run([sys.executable, "-m", "scratchlm", "attention", "bench", "--n-head", "3"], capture_output=True, text=True)
+    done = run_cli("bench", "--n-head", "3")
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "n_head=3" in done.stderr
+
+
+def test_train_command_writes_a_record(tmp_path: Path):
+    require_data("tinyshakespeare/input.txt")
+    record_path = tmp_path / "run.json"
+    small = ["--steps", "3", "--eval-every", "2", "--d-model", "8", "--n-head", "2", "--block-size", "8", "--batch-size", "2"]
+    done = run_cli("train", *small, "--json", "--record", str(record_path))
+    assert done.returncode == 0, done.stderr
+    printed, record = json.loads(done.stdout), read_record(record_path)
+    assert record["curves"]["step"] == [2, 3] and record["config"] == printed["config"]
+    assert record["metrics"]["held_out_nll"] == record["curves"]["val_nll"][-1]
+
+
+@pytest.mark.parametrize("args, message", [(["--learning-rate", "0"], "--learning-rate"), (["--corpus", "no-such"], "no-such")])
+def test_train_command_bad_values_are_one_line_and_status_2(args, message):
+    done = run_cli("train", *args)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and message in done.stderr
+
+
+def test_long_run_record_reproduces_its_first_evaluation():
+    require_data("tinyshakespeare/input.txt")
+    record = read_record(ROOT / "book" / "_runs" / "attention_tiny_long.json")
+    config = dict(record["config"], steps=record["config"]["eval_every"])
+    options = [item for name, value in config.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    # One BLAS thread, as the record was made: with small matrices, extra threads only cost time.
+    done = subprocess.run([sys.executable, "-m", "scratchlm", "attention", "train", *options, "--json"],
+                          capture_output=True, text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    curves = json.loads(done.stdout)["curves"]
+    assert curves["step"][0] == record["curves"]["step"][0]
+    # float32 sums may round differently with another BLAS or thread count: equal to 4 digits, not bit for bit
+    assert curves["train_loss"][0] == pytest.approx(record["curves"]["train_loss"][0], rel=1e-4)
+    assert curves["val_nll"][0] == pytest.approx(record["curves"]["val_nll"][0], rel=1e-4)
