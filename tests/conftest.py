@@ -8,6 +8,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# One BLAS thread: small matrices gain nothing from two, a loaded machine loses a lot, and the summation
+# order (hence the last bits of every float) stays the same from run to run. Must precede importing numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # Tests must never touch the network; point the package at ../shared/data unless told otherwise.
 os.environ["SCRATCHLM_OFFLINE"] = "1"
 os.environ.setdefault("SCRATCHLM_DATA", str(SHARED_DATA))
