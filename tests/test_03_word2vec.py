@@ -212,3 +212,31 @@ def test_record_reproduces_its_first_logged_losses(record_path):
     log_every = record["curves"]["step"][0]
     _, history = train(vocab.encode(tokens), vocab, config, max_steps=2 * log_every, log_every=log_every)
     assert np.allclose(history["loss"], record["curves"]["loss"][:2], rtol=1e-5)
+
+
+def test_cli_train_writes_model_and_record_then_similar_reads_it(tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text(" ".join(TEXT * 5), encoding="utf-8")
+    model, record = tmp_path / "tiny.npz", tmp_path / "tiny.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "scratchlm", "word2vec", "train", "--corpus", str(text), "--heldout", "none",
+         "--dim", "8", "--epochs", "1", "--out", str(model), "--record", str(record), "--json"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["vocab_size"] == len(set(TEXT)) - 1  # "." is not a word
+    written = json.loads(record.read_text())
+    assert written["config"]["dim"] == 8 and written["curves"]["heldout_loss"] == []
+    result = subprocess.run([sys.executable, "-m", "scratchlm", "word2vec", "similar", "cat", "--model", str(model)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == len(set(TEXT)) - 2
+
+
+def test_cli_bench_reports_both_speeds():
+    require_data("dostoevsky/brothers_karamazov.txt")
+    result = subprocess.run([sys.executable, "-m", "scratchlm", "word2vec", "bench", "--words", "20000",
+                             "--loop-pairs", "50", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["vectorised_words_per_second"] > 0 and report["loop_words_per_second"] > 0
