@@ -115,12 +115,13 @@ def test_dynamic_window_pairs_are_symmetric_and_within_reach():
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=40))
 def test_scatter_add_accumulates_repeated_rows(rows):
     rows = np.array(rows, dtype=np.int32)
-    updates = np.arange(len(rows) * 3, dtype=np.float32).reshape(-1, 3)
-    expected = np.zeros((6, 3), np.float32)
-    np.add.at(expected, rows, updates)
-    table = np.zeros((6, 3), np.float32)
-    scatter_add(table, rows, updates)
-    assert np.array_equal(table, expected)
+    for width in (3, 4):  # odd: plain float32 path; even: the complex64 view
+        updates = np.arange(len(rows) * width, dtype=np.float32).reshape(-1, width) / 7
+        expected = np.zeros((6, width), np.float32)
+        np.add.at(expected, rows, updates)
+        table = np.zeros((6, width), np.float32)
+        scatter_add(table, rows, updates)
+        assert np.array_equal(table, expected)
 
 
 def test_batched_step_equals_the_per_pair_loop_for_single_pairs():
