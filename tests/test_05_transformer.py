@@ -72,7 +72,8 @@ def test_layernorm_normalises_and_keeps_a_constant_row_finite():
 
 def test_layernorm_gradient_has_no_part_along_the_directions_it_removes():
     r = rng(2)
-    layer = LayerNorm(5, dtype=np.float64)
+    # exactly so only without eps: with it, dx . xhat is of order eps / variance
+    layer = LayerNorm(5, eps=0.0, dtype=np.float64)
     x = r.standard_normal((4, 5))
     layer.forward(x)
     dx = layer.backward(r.standard_normal((4, 5)))
@@ -365,8 +366,8 @@ def test_flop_count_is_six_per_parameter_per_token_plus_attention():
 
 
 def test_activation_memory_grows_with_the_block_size():
-    rows = activation_memory(tiny_config(), batch=2, block_sizes=(4, 16))
-    assert [row["block_size"] for row in rows] == [4, 16]
+    rows = activation_memory(tiny_config(), batch=4, block_sizes=(16, 64))
+    assert [row["block_size"] for row in rows] == [16, 64]
     assert 0 < rows[0]["kept_per_token"] < rows[0]["peak_per_token"]
     assert rows[1]["kept_per_token"] > rows[0]["kept_per_token"]  # the (T, T) maps
 

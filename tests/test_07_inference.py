@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,7 +185,7 @@ def test_first_generated_token_follows_the_model_distribution():
     model = tiny_model()
     sampling = SamplingConfig(temperature=0.8, top_k=6)
     expected = next_token_probs(model.forward(np.asarray([[5, 9, 2]]))[0, -1], sampling)
-    draws = 3000
+    draws = 1000
     firsts = [next(generate(model, [5, 9, 2], rng=np.random.default_rng(seed), sampling=sampling,
                             max_new_tokens=1)) for seed in range(draws)]
     counts = np.bincount(firsts, minlength=len(expected))
@@ -378,10 +379,13 @@ def test_generate_cli_bad_model_files_and_flags_exit_2(capsys, tmp_path):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_ctrl_c_stops_generation_cleanly(model_file):
+def test_ctrl_c_stops_generation_cleanly(tmp_path):
+    chars = CharTokenizer.from_text(TEXT)  # no special tokens: nothing but Ctrl-C stops it
+    model_path = tmp_path / "chars.npz"
+    save_model(model_path, tiny_model(vocab_size=chars.vocab_size), chars)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "scratchlm", "generate", "--model", str(model_file), "--prompt",
+        [sys.executable, "-m", "scratchlm", "generate", "--model", str(model_path), "--prompt",
          "The", "--max-new-tokens", "100000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=env)
     received = process.stdout.read(len("The") + 20)  # the prompt, then generated text
@@ -480,7 +484,7 @@ def raw_file(path, header: dict, data: bytes) -> Path:
     ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "data_offsets"),
     ({"t": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "data_offsets"),
     ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
-    ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "after the last"),
+    ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "stray bytes after tensor"),
     ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"a": 1}},
      b"\0" * 4, "__metadata__"),
 ])
@@ -533,7 +537,8 @@ def test_import_refuses_wrong_shapes_dtypes_names_and_configs(tmp_path, tokenize
     good = {name: np.array(t) for name, t in tensors.items()}
     name = "transformer.h.0.attn.c_attn.weight"
     for changed, message in [
-        ({**good, name: good[name].T}, "c_attn.weight' should be float32[16, 48], got float32[48, 16]"),
+        ({**good, name: good[name].T},
+         re.escape("c_attn.weight' should be float32[16, 48], got float32[48, 16]")),
         ({**good, name: good[name].astype(np.float64)}, "c_attn.weight' should be float32"),
         ({k: v for k, v in good.items() if k != name}, "c_attn.weight' should be .*missing"),
         ({**good, "lm_head.weight": good["transformer.wte.weight"]}, "lm_head.weight"),
