@@ -600,3 +600,24 @@ def test_the_scoreboard_record_replays_its_bigram():
 def test_scoreboard_flags_are_checked_in_one_line(tmp_path, flag):
     result = run_cli(["scoreboard", flag], tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
+
+
+def test_a_step_gradient_depends_on_its_own_batch_only():
+    """A loop that forgot to zero the gradients would fail here from its second step on."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 11, size=500).astype(np.uint16)
+    data = TokenData(ids, ids)
+    config = TrainConfig.from_dict({**TINY, "dtype": "float64", "grad_clip": 0.0})
+    state = start_state(config, 11)
+    train_step(state, data, config)  # a first, real step
+    batch_rng = np.random.default_rng()
+    batch_rng.bit_generator.state = state.rng.bit_generator.state
+    fresh = start_state(config, 11).model
+    for name, param in fresh.params.items():
+        param[...] = state.model.params[name]
+    _, second = captured_gradient(state, data, config)
+    fresh.zero_grads()
+    fresh.forward(*data.batch("train", config.batch_size, config.block_size, batch_rng))
+    fresh.backward()
+    for name, grad in fresh.grads.items():
+        np.testing.assert_allclose(second[name], grad, rtol=1e-12, atol=1e-15)
