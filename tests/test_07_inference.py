@@ -58,7 +58,8 @@ def tiny_model(vocab_size=300, dtype="float32", block_size=16, bias=True, seed=0
 def all_cached_logits(model, ids, n_prefill):
     cache = KVCache(model.config, batch=ids.shape[0])
     rows = [forward_cached(model, ids[:, :n_prefill], cache)]
-    rows += [forward_cached(model, ids[:, t : t + 1], cache) for t in range(n_prefill, ids.shape[1])]
+    for t in range(n_prefill, ids.shape[1]):
+        rows.append(forward_cached(model, ids[:, t : t + 1], cache))
     return np.concatenate(rows, axis=1)
 
 
@@ -157,7 +158,8 @@ def test_top_k_edge_cases():
     assert np.allclose(next_token_probs(LOGITS, SamplingConfig(top_k=100)), base)
     assert next_token_probs(LOGITS, SamplingConfig(top_k=1)).tolist() == [1.0] + [0.0] * 7
     tied = np.array([1.0, 3.0, 3.0, 0.0])  # a tie at the k-th value keeps both
-    assert (next_token_probs(tied, SamplingConfig(top_k=1)) > 0).tolist() == [False, True, True, False]
+    kept = next_token_probs(tied, SamplingConfig(top_k=1)) > 0
+    assert kept.tolist() == [False, True, True, False]
 
 
 def test_top_p_edge_cases():
@@ -484,7 +486,8 @@ def raw_file(path, header: dict, data: bytes) -> Path:
     ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "data_offsets"),
     ({"t": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "data_offsets"),
     ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
-    ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "stray bytes after tensor"),
+    ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8,
+     "stray bytes after tensor"),
     ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"a": 1}},
      b"\0" * 4, "__metadata__"),
 ])

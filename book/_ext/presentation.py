@@ -109,14 +109,16 @@ def _page_context(app, pagename, templatename, context, doctree) -> None:
         if key not in seen:
             seen.add(key)
             scripts.append(script)
-    context["script_files"] = scripts
+    # In place: it is the builder's own list, and handlers after this one still add to it.
+    context["script_files"][:] = scripts
 
 
 def setup(app):
     app.connect("config-inited", _configure)
     app.connect("doctree-read", _natural_size_images, priority=900)  # after image candidates
     app.connect("env-get-updated", _number_by_chapter, priority=900)  # after Sphinx numbers
-    app.connect("html-page-context", _page_context)
+    # early: Sphinx stops calling html-page-context handlers at the first that returns a template
+    app.connect("html-page-context", _page_context, priority=100)
     app.add_css_file("book.css")
     app.add_js_file("book.js", defer="defer")
     return {"parallel_read_safe": True, "parallel_write_safe": True, "version": "1"}
