@@ -4,6 +4,7 @@ the chat command."""
 import hashlib
 import io
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,36 @@ def test_ctrl_c_ends_the_reply_not_the_conversation(tokenizer, monkeypatch, caps
     assert chat.finish == "interrupted"
     assert [m for _, m in chat.messages[1:3]] == ["Hello there!", "I was saying"]
     assert capsys.readouterr().err.count("(interrupted)") == 2
+
+
+def never_stopping_model_file(path, tokenizer):
+    """A chat model whose every reply is uniform over the ordinary tokens, forever: the
+    final LayerNorm outputs a constant vector, which scores every special token -50."""
+    model = tiny_model(tokenizer)
+    model.params["ln_f.weight"][:] = 0
+    model.params["ln_f.bias"][:] = 0
+    model.params["ln_f.bias"][0] = 1
+    table = model.params["wte.weight"]
+    table[:, 0] = 0
+    table[list(tokenizer.special_tokens.values()), 0] = -50
+    save_model(path, model, tokenizer, {"train_config": {"corpus": "dialogue"}})
+    return str(path)
+
+
+def test_a_real_ctrl_c_stops_the_reply_and_the_program_carries_on(tmp_path, tokenizer):
+    model = never_stopping_model_file(tmp_path / "talker.npz", tokenizer)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scratchlm", "chat", "--model", model,
+         "--max-new-tokens", "100000000"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    process.stdin.write(b"Hello!\n")
+    process.stdin.flush()
+    assert process.stdout.read(1)  # the reply has started, and would never end
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(b"/quit\n", timeout=300)
+    assert process.returncode == 0, err
+    assert err.decode().strip() == "(interrupted)"
+    assert out.count(b"\n") == 1  # the interrupted reply, ended; then /quit
 
 
 def test_reset_and_quit(tokenizer, capsys):

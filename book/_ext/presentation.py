@@ -12,18 +12,20 @@ configuration value expresses:
   the width it has at 96 dpi, so it is sharp on high-density screens and no larger than intended.
 * **MathJax comes from the book.** ``static/mathjax/tex-svg-full.js`` is served from ``_static``,
   so formulas render offline; SVG output draws its own glyphs and needs no font files.
-* **No script twice.** sphinx-thebe adds its inline configuration once per read phase, so a page
-  can carry it twice and the browser reports ``THEBE_JS_URL`` as declared twice.
+* **No script twice.** sphinx-thebe and sphinx-togglebutton add their inline scripts both to
+  the registry and to the builder (once with filename ``None``, once ``""``), so a page carried
+  each twice and the browser reported ``THEBE_JS_URL`` as declared twice.
+* **No "Book — Book" in the home page's tab** (``templates/layout.html``).
 """
 
 from __future__ import annotations
 
-import html
 import re
 import struct
 from pathlib import Path
 
 STATIC = Path(__file__).parent / "static"
+TEMPLATES = Path(__file__).parent / "templates"
 MATHJAX = "mathjax/tex-svg-full.js"  # relative to _static
 CSS_PIXELS_PER_INCH = 96
 CHAPTER = re.compile(r"(?:^|/)(\d\d)_[^/]*$")
@@ -32,6 +34,7 @@ CHAPTER = re.compile(r"(?:^|/)(\d\d)_[^/]*$")
 def _configure(app, config) -> None:
     if str(STATIC) not in map(str, config.html_static_path):
         config.html_static_path.append(str(STATIC))
+    config.templates_path.append(str(TEMPLATES))  # layout.html: no "Book - Book" tab title
     config.mathjax_path = MATHJAX
 
 
@@ -96,14 +99,12 @@ def _number_by_chapter(app, env) -> list[str]:
     return renumbered
 
 
-def _page_context(app, pagename, templatename, context, doctree) -> None:
-    """No script twice, and no "Title — Title" in the tab of the home page."""
-    if html.unescape(context.get("title") or "") == app.config.html_title:
-        context["titlesuffix"] = ""
+def _one_of_each_script(app, pagename, templatename, context, doctree) -> None:
+    """No script twice (sphinx-thebe's and sphinx-togglebutton's inline ones come twice)."""
     scripts, seen = [], set()
     for script in context.get("script_files", []):
         key = (
-            getattr(script, "filename", str(script)),
+            getattr(script, "filename", str(script)) or None,  # "" and None: both inline
             tuple(sorted((getattr(script, "attributes", None) or {}).items())),
         )
         if key not in seen:
@@ -117,8 +118,7 @@ def setup(app):
     app.connect("config-inited", _configure)
     app.connect("doctree-read", _natural_size_images, priority=900)  # after image candidates
     app.connect("env-get-updated", _number_by_chapter, priority=900)  # after Sphinx numbers
-    # early: Sphinx stops calling html-page-context handlers at the first that returns a template
-    app.connect("html-page-context", _page_context, priority=100)
+    app.connect("html-page-context", _one_of_each_script, priority=100)
     app.add_css_file("book.css")
     app.add_js_file("book.js", defer="defer")
     return {"parallel_read_safe": True, "parallel_write_safe": True, "version": "1"}

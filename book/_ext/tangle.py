@@ -218,8 +218,13 @@ def _tangle_before_build(app) -> None:
     write(Path(app.srcdir))
 
 
-def _badge_tangled_cells(app, doctree) -> None:
-    """Label each tangled cell with the module it becomes, so readers see the package grow."""
+def _badge_tangled_cells(app, doctree, docname=None) -> None:
+    """Label each tangled cell with the module it becomes, so readers see the package grow.
+
+    Runs once the doctree is resolved, after myst-nb has wrapped a ``hide-input`` cell's
+    source in its toggle (myst-nb looks for the source as the cell's first child), so the
+    badge stays visible above a collapsed cell.
+    """
     from docutils import nodes
 
     for cell in doctree.findall(nodes.container):
@@ -239,7 +244,7 @@ def _add_static(app, config) -> None:
 def setup(app):
     app.connect("config-inited", _add_static)
     app.connect("builder-inited", _tangle_before_build)
-    app.connect("doctree-read", _badge_tangled_cells)
+    app.connect("doctree-resolved", _badge_tangled_cells)
     app.add_css_file("tangle.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True, "version": "1"}
 
