@@ -389,7 +389,10 @@ def test_ctrl_c_stops_generation_cleanly(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "scratchlm", "generate", "--model", str(model_path), "--prompt",
          "The", "--max-new-tokens", "100000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env)
+        env=env,
+        # a shell that starts jobs in the background hands them SIGINT ignored;
+        # Python then never installs KeyboardInterrupt, so restore the default first
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     received = process.stdout.read(len("The") + 20)  # the prompt, then generated text
     assert received.startswith(b"The")
     process.send_signal(signal.SIGINT)

@@ -288,7 +288,10 @@ def test_a_real_ctrl_c_stops_the_reply_and_the_program_carries_on(tmp_path, toke
     process = subprocess.Popen(
         [sys.executable, "-m", "scratchlm", "chat", "--model", model,
          "--max-new-tokens", "100000000"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        # a shell that starts jobs in the background hands them SIGINT ignored;
+        # Python then never installs KeyboardInterrupt, so restore the default first
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     process.stdin.write(b"Hello!\n")
     process.stdin.flush()
     assert process.stdout.read(1)  # the reply has started, and would never end
@@ -427,9 +430,13 @@ def test_the_fine_tuning_records_replay():
         scratch["curves"]["val_loss"][0], rel=1e-4)
 
 
-def test_the_books_chat_model_is_the_records():
-    record = present(ROOT / "book/_runs/chat_sft.json")
-    model, tokenizer = load_chat_model(DEFAULT_MODEL)
-    digest = hashlib.sha256(DEFAULT_MODEL.read_bytes()).hexdigest()
+@pytest.mark.parametrize("name", ["sft", "scratch"])
+def test_the_committed_chat_models_are_their_records(name):
+    record = present(ROOT / f"book/_runs/chat_{name}.json")
+    path = ROOT / f"book/_runs/chat_{name}.npz"
+    model, _ = load_chat_model(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest == record["metrics"]["model_sha256"]
     assert model.n_params == record["metrics"]["n_params"]
+    if name == "sft":
+        assert path == DEFAULT_MODEL  # what python -m scratchlm chat talks with
