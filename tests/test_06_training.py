@@ -588,9 +588,10 @@ def replay(record_path: Path, *, train_split: bool):
     assert lr == pytest.approx(curves["lr"][0], rel=1e-12)
 
 
-def test_the_shakespeare_record_replays():
+@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_seed1338"])
+def test_the_shakespeare_records_replay(name):
     require_data("tinyshakespeare/input.txt")
-    replay(ROOT / "book/_runs/shakespeare_char.json", train_split=True)
+    replay(ROOT / f"book/_runs/{name}.json", train_split=True)
 
 
 def test_the_base_model_record_replays():
@@ -598,11 +599,13 @@ def test_the_base_model_record_replays():
     replay(ROOT / "book/_runs/dostoevsky_base.json", train_split=False)
 
 
-def test_the_sweep_record_replays_its_first_point():
+def test_the_sweep_record_replays_its_smallest_point():
     require_data("dostoevsky/the_idiot.txt")
     record = present(ROOT / "book/_runs/sweep.json")
     base = TrainConfig.from_dict(record["config"]["base"])
-    point = record["metrics"]["points"][0]
+    point = min(
+        record["metrics"]["points"], key=lambda p: p["n_params"]
+    )  # the cheapest
     tokenizer = truncated(BPETokenizer.load(ROOT / base.tokenizer), point["vocab_size"])
     shape = {k: point[k] for k in ("n_layer", "n_head", "n_embd") if k in point}
     config = dataclasses.replace(base, **shape)
