@@ -235,7 +235,7 @@ def test_float32_and_float64_agree_and_float32_stays_float32():
     kept = [logits32, model32.final, model32.dlogits]
     for block in model32.blocks:
         kept += [block.ln_1.xhat, block.ln_1.rstd, block.ln_2.xhat, block.ln_2.rstd]
-        kept += [block.attn.probs, *block.attn.qkv_heads, block.mlp.hidden, block.mlp.tanh]
+        kept += [block.attn.probs, *block.attn.qkv_heads, block.mlp.hidden, block.mlp.factor]
         kept += [block.attn.qkv.x, block.attn.proj.x, block.mlp.fc.x, block.mlp.proj.x]
     assert all(array.dtype == np.float32 for array in kept)
     model32.backward()
