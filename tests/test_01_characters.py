@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import SHARED_DATA, require_data
@@ -16,11 +16,13 @@ from scratchlm import data
 from scratchlm.bigram import CountBigram, NeuralBigram, bigram_counts, sample_chain, train_neural_bigram
 from scratchlm.chars import CharTokenizer
 from scratchlm.errors import ScratchLMError
+from scratchlm.sentences import split_sentences
 from scratchlm.gradcheck import numerical_gradient, relative_error  # the book's checker (Chapter 4)
 
 # ---------------------------------------------------------------- tokenizer
 
 
+@settings(deadline=None)  # timing is not what these test; a busy machine is slow
 @given(st.text(min_size=1))
 def test_round_trip_of_any_text_through_its_own_alphabet(text):
     tokenizer = CharTokenizer.from_text(text)
@@ -29,6 +31,7 @@ def test_round_trip_of_any_text_through_its_own_alphabet(text):
     assert tokenizer.decode(ids) == text
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(0, 9), max_size=50))
 def test_ids_round_trip_through_text(ids):
     tokenizer = CharTokenizer("abcdefghi\U0001f600")
@@ -294,3 +297,221 @@ def test_bigram_command_reports_missing_data_with_the_path(tmp_path):
     done = subprocess.run([sys.executable, "-m", "scratchlm", "bigram", "--corpus", "tinyshakespeare"],
                           capture_output=True, text=True, env=env)
     assert done.returncode == 2 and str(tmp_path) in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- sentences
+
+
+def test_a_full_stop_before_a_closing_quote_ends_a_sentence():
+    # the first splitter of Chapter 1 looked only for a space right after the mark
+    assert split_sentences("“Go.” He went.") == ["“Go.”", "He went."]
+    assert split_sentences("‘Yes!’ (Quietly.) “Why?” Then.") == ["‘Yes!’", "(Quietly.)", "“Why?”", "Then."]
+
+
+def test_a_lower_case_word_after_the_mark_continues_the_sentence():
+    assert split_sentences("“Is it?” he asked. Wait... and see! Then") == [
+        "“Is it?” he asked.",
+        "Wait... and see!",
+        "Then",
+    ]
+
+
+def test_whitespace_is_normalised_and_no_text_is_lost():
+    text = "  One.\n\nTwo  lines\nof it?  3.14 is pi. Mr. Smith "
+    sentences = split_sentences(text)
+    assert sentences == ["One.", "Two lines of it?", "3.14 is pi.", "Mr.", "Smith"]
+    assert " ".join(sentences) == " ".join(text.split())
+    assert split_sentences("") == [] and split_sentences(" \n ") == []
+
+
+@settings(deadline=None)
+@given(st.text(alphabet="ab .!?”’\n", max_size=60))
+def test_sentences_join_back_to_the_normalised_text(text):
+    sentences = split_sentences(text)
+    assert " ".join(sentences) == " ".join(text.split())
+    assert all(sentence and sentence == sentence.strip() for sentence in sentences)
+
+
+# ---------------------------------------------------------------- mutation testing (tests/MUTATION.md)
+
+
+class _ZeroDraws:
+    """A generator whose every uniform draw is exactly 0.0, the edge of inverse-CDF sampling."""
+
+    def random(self, n):
+        return np.zeros(n)
+
+
+def test_sampling_starts_from_id_0_by_default_and_from_start_when_given():
+    cycle = np.roll(np.eye(3), 1, axis=1)  # 0 -> 1 -> 2 -> 0
+    model = CountBigram(np.roll(np.eye(3, dtype=np.int64), 1, axis=1), smoothing=0)
+    assert model.sample(4, np.random.default_rng(0)).tolist() == [1, 2, 0, 1]
+    assert model.sample(4, np.random.default_rng(0), start=2).tolist() == [0, 1, 2, 0]
+    out = sample_chain(cycle, 3, np.random.default_rng(0))
+    assert out.tolist() == [1, 2, 0] and np.issubdtype(out.dtype, np.integer)
+
+
+def test_a_sample_of_length_zero_is_empty_and_a_negative_length_is_refused():
+    cycle = np.roll(np.eye(3), 1, axis=1)
+    assert sample_chain(cycle, 0, np.random.default_rng(0)).tolist() == []
+    with pytest.raises(ScratchLMError, match="sample length must be >= 0, got -1"):
+        sample_chain(cycle, -1, np.random.default_rng(0))
+
+
+def test_a_token_of_probability_zero_is_never_drawn():
+    probs = np.array([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert 0 not in sample_chain(probs, 10, _ZeroDraws()).tolist()
+
+
+def test_sample_frequencies_follow_the_table():
+    probs = np.array([[0.5, 0.0, 0.5], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    chain = sample_chain(probs, 30_000, np.random.default_rng(0), start=0)
+    observed = bigram_counts(np.concatenate([[0], chain]), 3)
+    observed = observed / observed.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(observed, probs, atol=0.02)
+
+
+def test_default_smoothing_is_add_one():
+    counts = np.array([[3, 0], [1, 1]])
+    np.testing.assert_allclose(CountBigram(counts).probs, [[4 / 5, 1 / 5], [2 / 4, 2 / 4]])
+    np.testing.assert_allclose(CountBigram.fit([0, 0, 0, 0, 1, 1, 0], 2).probs, [[4 / 6, 2 / 6], [2 / 4, 2 / 4]])
+
+
+def test_models_score_two_ids_and_refuse_one():
+    count = CountBigram.fit([0, 1, 0, 1], 2)
+    neural = NeuralBigram(2, np.random.default_rng(0))
+    for model in (count, neural):
+        assert math.isfinite(model.nll([0, 1]))
+        with pytest.raises(ScratchLMError, match="need at least 2 token ids, got 1"):
+            model.nll([0])
+
+
+def test_an_unseen_pair_scores_infinity_without_a_warning():
+    import warnings
+
+    model = CountBigram.fit([0, 0, 0], 2, smoothing=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.nll([0, 1]) == math.inf
+
+
+def test_neural_bigram_loss_takes_one_position_and_refuses_none():
+    model = NeuralBigram(3, np.random.default_rng(0))
+    loss, grad = model.loss_and_grad([0], [2])
+    assert math.isfinite(loss) and grad.shape == (3, 3)
+    for x, y in [([], [1]), ([1], [])]:
+        with pytest.raises(ScratchLMError, match="need at least 1 token ids, got 0"):
+            model.loss_and_grad(x, y)
+
+
+def test_neural_bigram_starts_near_uniform_in_the_dtype_asked_for():
+    rng = np.random.default_rng(0)
+    model = NeuralBigram(50, rng, dtype=np.float32)
+    assert model.W.dtype == np.float32
+    assert model.loss_and_grad_counts(np.ones((50, 50), np.int64))[1].dtype == np.float32
+    ids = rng.integers(0, 50, 2000)
+    assert abs(model.nll(ids) - math.log(50)) < 0.01  # small initial weights: every next id about 1/V
+
+
+def test_training_logs_every_eval_every_steps_and_the_last():
+    counts = bigram_counts(np.random.default_rng(0).integers(0, 4, 500), 4)
+    model = NeuralBigram(4, np.random.default_rng(1))
+    first_loss = model.loss_and_grad_counts(counts)[0]
+    curve = train_neural_bigram(model, counts, [0, 1, 2, 3], learning_rate=1.0, max_steps=250)
+    assert curve["step"] == [0, 100, 200, 250]
+    assert curve["train_loss"][0] == first_loss and curve["train_loss"][-1] < first_loss
+    assert len(curve["val_nll"]) == 4
+
+
+def test_training_stops_as_soon_as_the_target_is_reached():
+    counts = bigram_counts([0, 1, 2, 3, 0], 4)
+    model = NeuralBigram(4, np.random.default_rng(1))
+    start_nll = model.nll([0, 1, 2, 3])
+    curve = train_neural_bigram(model, counts, [0, 1, 2, 3], learning_rate=1.0, max_steps=50, target_nll=start_nll)
+    assert curve["step"] == [0]
+
+
+def test_bigram_command_scores_the_held_out_split_with_the_documented_defaults(tmp_path, capsys):
+    """In-process, so that mutation testing sees the command's code run."""
+    from scratchlm.cli import main
+
+    path = tmp_path / "tiny.txt"
+    text = "".join(f"abra{i % 7}cadabra\n" for i in range(300))
+    path.write_text(text)
+    tokenizer = CharTokenizer.from_text(text)
+    train, val = data.train_val_split(text)
+    model = CountBigram.fit(tokenizer.encode(train), tokenizer.vocab_size, 1.0)
+    start = tokenizer.alphabet.index("\n")
+    assert main(["bigram", "--corpus", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {
+        "corpus": str(path), "vocab_size": tokenizer.vocab_size, "smoothing": 1.0,
+        "train_chars": len(train), "val_chars": len(val),
+        "val_nll": pytest.approx(model.nll(tokenizer.encode(val)), rel=1e-12),
+        "val_perplexity": pytest.approx(model.perplexity(tokenizer.encode(val)), rel=1e-12),
+        "sample": tokenizer.decode(model.sample(200, np.random.default_rng(0), start)),
+    }
+    assert main(["bigram", "--corpus", str(path), "--smoothing", "0.5", "--sample", "7", "--seed", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    half = CountBigram.fit(tokenizer.encode(train), tokenizer.vocab_size, 0.5)
+    assert lines[0] == f"{path}: {tokenizer.vocab_size} characters, {len(train):,} training / {len(val):,} held-out"
+    assert lines[1] == (f"held-out NLL {half.nll(tokenizer.encode(val)):.4f} nats/char, perplexity "
+                        f"{half.perplexity(tokenizer.encode(val)):.2f}")
+    assert "\n".join(lines[2:]) == tokenizer.decode(half.sample(7, np.random.default_rng(2), start))
+
+
+def test_check_ids_flattens_and_names_the_range():
+    from scratchlm.chars import check_ids
+
+    assert check_ids([[0, 1], [2, 0]], 3).tolist() == [0, 1, 2, 0]
+    with pytest.raises(ScratchLMError) as caught:
+        check_ids([0, 5], 3)
+    assert str(caught.value) == "token id 5 at position 1 is out of range 0..2"
+
+
+def test_characters_between_and_just_past_the_alphabet_are_refused():
+    tokenizer = CharTokenizer("ac")
+    for text in ["b", "d", "aab"]:  # "b" falls in a gap, "d" is one past the last code
+        with pytest.raises(ScratchLMError, match="is not in the tokenizer's alphabet of 2 characters"):
+            tokenizer.encode(text)
+    with pytest.raises(ScratchLMError, match="is not in"):
+        CharTokenizer("\x00").encode("\x00a")
+
+
+def test_the_nul_character_round_trips():
+    tokenizer = CharTokenizer("\x00a")
+    assert tokenizer.decode(tokenizer.encode("a\x00a")) == "a\x00a"
+
+
+def test_bad_alphabets_are_refused_with_the_reason():
+    with pytest.raises(ScratchLMError, match="needs at least one character"):
+        CharTokenizer("")
+    with pytest.raises(ScratchLMError, match="repeated characters"):
+        CharTokenizer("abca")
+
+
+def test_bigram_command_options_in_process(tmp_path, capsys):
+    from scratchlm.cli import main
+
+    path = tmp_path / "tabs.txt"
+    path.write_text("a\tb\nba\tab\n" * 100)  # "\t" sorts before "\n": the newline's id is 1
+    tokenizer = CharTokenizer.from_text(path.read_text())
+    train, _ = data.train_val_split(path.read_text())
+    model = CountBigram.fit(tokenizer.encode(train), tokenizer.vocab_size, 0.0)
+    assert main(["bigram", "--corpus", str(path), "--json", "--smoothing", "0", "--sample", "9"]) == 0
+    expected = tokenizer.decode(model.sample(9, np.random.default_rng(0), start=1))
+    assert json.loads(capsys.readouterr().out)["sample"] == expected
+    no_newline = tmp_path / "flat.txt"
+    no_newline.write_text("abcab" * 100)
+    tokenizer = CharTokenizer.from_text(no_newline.read_text())
+    train, val = data.train_val_split(no_newline.read_text())
+    model = CountBigram.fit(tokenizer.encode(train), tokenizer.vocab_size)
+    start = int(tokenizer.encode(val)[0])  # no newline: the sample follows the held-out text's first id
+    assert main(["bigram", "--corpus", str(no_newline), "--json", "--sample", "9"]) == 0
+    expected = tokenizer.decode(model.sample(9, np.random.default_rng(0), start=start))
+    assert json.loads(capsys.readouterr().out)["sample"] == expected
+    assert main(["bigram", "--corpus", str(path), "--smoothing", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --smoothing must be >= 0, got -1.0\n"
+    with pytest.raises(SystemExit) as stopped:
+        main(["bigram"])
+    assert stopped.value.code == 2 and "--corpus" in capsys.readouterr().err

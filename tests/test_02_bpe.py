@@ -182,6 +182,22 @@ def test_malformed_model_files(tmp_path, content):
         BPETokenizer.load(tmp_path / "bad.bpe")
 
 
+@pytest.mark.parametrize(
+    "merges, wrong",
+    [
+        ("merges 2\n97 98\n258 97\n", "merge 1 (258, 97) uses token 258"),  # a token not yet made
+        ("merges 2\n97 98\n", "promises 2 merges but holds 1"),  # the count disagrees
+        ("merges 1\n97 98 99\n", ":5: malformed"),  # three ids where a merge has two
+    ],
+)
+def test_a_model_file_whose_merges_disagree_with_its_header_is_refused(tmp_path, merges, wrong):
+    path = tmp_path / "bad.bpe"
+    path.write_text('scratchlm-bpe 1\npattern "x"\nspecials 0\n' + merges, encoding="utf-8")
+    with pytest.raises(ScratchLMError) as caught:
+        BPETokenizer.load(path)
+    assert str(caught.value).startswith(str(path)) and wrong in str(caught.value)
+
+
 def test_missing_model_file(tmp_path):
     with pytest.raises(ScratchLMError, match="no such model file"):
         BPETokenizer.load(tmp_path / "nope.bpe")
@@ -252,3 +268,26 @@ def test_text_utf8_cannot_encode_is_a_clear_error(tokenizer):
         tokenizer.encode("lone \ud800 surrogate")
     with pytest.raises(ScratchLMError, match="UTF-8 cannot encode"):
         BPETokenizer.train("lone \ud800 surrogate", 300)
+
+
+@pytest.mark.parametrize(
+    "book, mark",
+    [
+        ("brothers-karamazov", "’"),
+        ("the-idiot", "’"),
+        ("crime-and-punishment", "’"),
+        ("the-possessed", "'"),
+        ("white-nights", "'"),
+    ],
+)
+def test_the_translations_disagree_about_the_apostrophe(book, mark):
+    """Chapter 2's reason for accepting both marks in contractions, pinned per book."""
+    import re
+
+    from scratchlm.data import BOOKS, corpus
+
+    require_data(BOOKS[book])
+    marks = re.findall(r"[^\W\d_](['’])(?:s|t|re|ve|m|ll|d)\b", corpus(book))
+    assert max(set(marks), key=marks.count) == mark
+    # and the pre-tokenizer makes the same chunk boundaries with either mark
+    assert pretokenize(f"don{mark}t") == ["don", f"{mark}t"]

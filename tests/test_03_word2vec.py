@@ -15,12 +15,17 @@ from scratchlm.embedding_eval import WordVectors, evaluate_analogies, ranks, spe
 from scratchlm.errors import ScratchLMError
 from scratchlm.files import save_arrays
 from scratchlm.word2vec import (
+    UPDATE_CHUNK,
     AliasSampler,
+    FastSkipGram,
     SkipGram,
     Vocabulary,
     Word2VecConfig,
+    batches,
     keep_probabilities,
     load_model,
+    loss_terms,
+    mean_vectors,
     negative_distribution,
     save_model,
     scatter_add,
@@ -124,9 +129,10 @@ def test_scatter_add_accumulates_repeated_rows(rows):
         assert np.array_equal(table, expected)
 
 
-def test_batched_step_equals_the_per_pair_loop_for_single_pairs():
+@pytest.mark.parametrize("model_class", [SkipGram, FastSkipGram])
+def test_batched_step_equals_the_per_pair_loop_for_single_pairs(model_class):
     rng = np.random.default_rng(1)
-    fast = SkipGram.initialise(20, 6, rng)
+    fast = model_class.initialise(20, 6, rng)
     fast.output_vectors[:] = rng.standard_normal((20, 6)).astype(np.float32) * 0.1
     slow = SkipGram(fast.input_vectors.copy(), fast.output_vectors.copy())
     for _ in range(30):
@@ -135,6 +141,22 @@ def test_batched_step_equals_the_per_pair_loop_for_single_pairs():
         assert np.isclose(fast.step(*pair), step_loop(slow, *pair), rtol=1e-5)
     assert np.allclose(fast.input_vectors, slow.input_vectors, atol=1e-6)
     assert np.allclose(fast.output_vectors, slow.output_vectors, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [6, 7])  # complex64 scatter, and the plain one
+def test_fast_step_computes_the_readable_steps_update(dim):
+    rng = np.random.default_rng(2)
+    readable = SkipGram.initialise(20, dim, rng)
+    readable.output_vectors[:] = rng.standard_normal((20, dim)).astype(np.float32)  # large scores too
+    fast = FastSkipGram(readable.input_vectors.copy(), readable.output_vectors.copy())
+    pairs = 2 * UPDATE_CHUNK + 37  # several chunks, the last one short; every row repeats
+    batch = (rng.integers(0, 20, pairs, dtype=np.int32), rng.integers(0, 20, pairs, dtype=np.int32),
+             rng.integers(0, 20, (pairs, 5), dtype=np.int32))
+    for lr in (0.05, 0.5):
+        assert np.isclose(fast.step(*batch, lr), readable.step(*batch, lr), rtol=1e-5)
+        for table in ("input_vectors", "output_vectors"):
+            assert getattr(fast, table).dtype == np.float32
+            assert np.allclose(getattr(fast, table), getattr(readable, table), rtol=1e-5, atol=1e-5)
 
 
 def test_training_is_deterministic_given_the_seed_and_the_loss_falls():
@@ -160,6 +182,34 @@ def test_save_and_load_round_trip(tmp_path):
         load_model(tmp_path / "other.npz")
     with pytest.raises(ScratchLMError, match="no such file"):
         load_model(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize(
+    "name, change, wrong",
+    [
+        ("input_vectors", lambda a: a[:, :5].copy(), "float32[5, 5]"),  # cut to 5 of 8 columns
+        ("output_vectors", lambda a: a[:-1].copy(), "float32[4, 8]"),  # a row short
+        ("input_vectors", lambda a: a.astype(np.float64), "float64[5, 8]"),
+        ("counts", lambda a: a.astype(np.int32), "int32[5]"),
+        ("stray", None, "unexpected tensor 'stray'"),
+    ],
+)
+def test_a_file_whose_arrays_disagree_with_its_header_is_refused(tmp_path, name, change, wrong):
+    words = ["a", "b", "c", "d", "e"]
+    model = SkipGram.initialise(5, 8, np.random.default_rng(0))
+    save_model(tmp_path / "m.npz", model, Vocabulary(words, np.arange(5, 0, -1)), Word2VecConfig(dim=8))
+    arrays = {"input_vectors": model.input_vectors, "output_vectors": model.output_vectors,
+              "counts": np.arange(5, 0, -1)}
+    arrays[name] = np.zeros(3) if change is None else change(arrays[name])
+    path = tmp_path / "bad.npz"  # the header of a valid file, arrays that disagree with it
+    save_arrays(path, "word2vec", arrays, {"words": words, "config": {"dim": 8}})
+    with pytest.raises(ScratchLMError) as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert str(path) in message and repr(name) in message and wrong in message and "\n" not in message
+    result = subprocess.run([sys.executable, "-m", "scratchlm", "word2vec", "similar", "a", "--model", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and repr(name) in result.stderr
 
 
 def test_bad_input_is_a_clear_error():
@@ -200,7 +250,12 @@ def test_analogy_accuracy_on_vectors_built_to_solve_it():
     assert vectors.analogy("man", "woman", "king")[0][0] == "queen"
 
 
-@pytest.mark.parametrize("record_path", sorted((ROOT / "book" / "_runs").glob("word2vec*.json")), ids=lambda p: p.name)
+RECORDS = sorted((ROOT / "book" / "_runs").glob("word2vec*.json"))
+# a record of `word2vec seeds` holds one run per seed under metrics["runs"]; the others hold one run
+SEED_RECORDS = [p for p in RECORDS if "runs" in json.loads(p.read_text())["metrics"]]
+
+
+@pytest.mark.parametrize("record_path", [p for p in RECORDS if p not in SEED_RECORDS], ids=lambda p: p.name)
 def test_record_reproduces_its_first_logged_losses(record_path):
     require_data("dostoevsky/brothers_karamazov.txt", "dostoevsky/crime_and_punishment.txt")
     from scratchlm.data import corpus
@@ -213,6 +268,50 @@ def test_record_reproduces_its_first_logged_losses(record_path):
     log_every = record["curves"]["step"][0]
     _, history = train(vocab.encode(tokens), vocab, config, max_steps=2 * log_every, log_every=log_every)
     assert np.allclose(history["loss"], record["curves"]["loss"][:2], rtol=1e-5)
+
+
+@pytest.mark.parametrize("record_path", SEED_RECORDS, ids=lambda p: p.name)
+def test_seed_record_reproduces_each_seeds_first_logged_loss(record_path):
+    """Every seed of a `word2vec seeds` record: the first logged loss again, and the seeds really differ."""
+    require_data("dostoevsky/brothers_karamazov.txt", "dostoevsky/crime_and_punishment.txt")
+    from scratchlm.data import corpus
+
+    record = json.loads(Path(record_path).read_text())
+    base = {k: v for k, v in record["config"].items() if k != "seeds"}
+    tokens = tokenize(corpus(base["corpus"]))
+    vocab = Vocabulary.build(tokens, base["min_count"])
+    assert len(vocab) == record["metrics"]["vocab_size"]
+    runs, curves = record["metrics"]["runs"], record["curves"]["runs"]
+    assert [r["seed"] for r in runs] == [c["seed"] for c in curves] == record["config"]["seeds"]
+    assert len({r["wordsim353"]["spearman"] for r in runs}) == len(runs)  # distinct seeds, distinct models
+    ids = vocab.encode(tokens)
+    for curve in curves:
+        config = Word2VecConfig(**base, seed=curve["seed"])
+        log_every = curve["step"][0]
+        _, history = train(ids, vocab, config, max_steps=log_every, log_every=log_every)
+        assert np.allclose(history["loss"], curve["loss"][:1], rtol=1e-5), curve["seed"]
+
+
+def test_cli_seeds_records_one_run_per_seed_and_refuses_repeated_seeds(tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text(" ".join(TEXT * 5), encoding="utf-8")
+    record = tmp_path / "seeds.json"
+    command = [sys.executable, "-m", "scratchlm", "word2vec", "seeds", "--corpus", str(text), "--heldout", "none",
+               "--dim", "8", "--sample", "0", "--batch-size", "16", "--epochs", "1", "--record", str(record)]
+    result = subprocess.run([*command, "--seeds", "3", "4"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(record.read_text())
+    assert written["config"]["seeds"] == [3, 4] and "seed" not in written["config"]
+    assert [run["seed"] for run in written["metrics"]["runs"]] == [3, 4]
+    assert [c["seed"] for c in written["curves"]["runs"]] == [3, 4]
+    assert written["curves"]["runs"][0]["loss"] != written["curves"]["runs"][1]["loss"]
+    # the first seed's run is the run `word2vec train --seed 3` makes
+    vocab = Vocabulary.build(tokenize(text.read_text()), 5)
+    config = Word2VecConfig(corpus=str(text), heldout=None, dim=8, sample=0.0, batch_size=16, epochs=1, seed=3)
+    _, history = train(vocab.encode(tokenize(text.read_text())), vocab, config)
+    assert history["loss"] and written["curves"]["runs"][0]["loss"] == history["loss"]
+    result = subprocess.run([*command, "--seeds", "1", "1"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "[1, 1]" in result.stderr
 
 
 def test_cli_train_writes_model_and_record_then_similar_reads_it(tmp_path):
@@ -234,10 +333,80 @@ def test_cli_train_writes_model_and_record_then_similar_reads_it(tmp_path):
     assert result.returncode == 0 and len(result.stdout.splitlines()) == len(set(TEXT)) - 2
 
 
-def test_cli_bench_reports_both_speeds():
+def test_cli_bench_reports_every_speed_against_the_loop_and_records_it(tmp_path):
     require_data("dostoevsky/brothers_karamazov.txt")
     result = subprocess.run([sys.executable, "-m", "scratchlm", "word2vec", "bench", "--words", "20000",
-                             "--loop-pairs", "50", "--json"], capture_output=True, text=True)
+                             "--loop-pairs", "50", "--repeats", "1", "--json", "--record", str(tmp_path / "bench.json")],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["vectorised_words_per_second"] > 0 and report["loop_words_per_second"] > 0
+    assert set(report["words_per_second"]) == {"per-pair loop", "SkipGram", "FastSkipGram"}
+    assert all(rate > 0 for rate in report["words_per_second"].values())
+    assert report["times_the_loop"]["per-pair loop"] == 1.0
+    assert json.loads((tmp_path / "bench.json").read_text())["metrics"] == report
+
+
+def test_loss_terms_add_up_to_the_loss_and_the_mean_score_is_the_mean_over_all_pairs():
+    rng = np.random.default_rng(5)
+    model = SkipGram(rng.standard_normal((7, 4)), rng.standard_normal((7, 4)))  # float64
+    centres, contexts, negatives = rng.integers(0, 7, 9), rng.integers(0, 7, 9), rng.integers(0, 7, (9, 3))
+    positive, negative = loss_terms(model, centres, contexts, negatives)
+    targets = np.concatenate([contexts[:, None], negatives], axis=1)
+    _, loss = sgns_forward(model.input_vectors[centres], model.output_vectors[targets])
+    assert positive + negative == pytest.approx(loss.mean(), rel=1e-12)
+    assert positive == pytest.approx(np.mean(np.log1p(np.exp(-np.einsum(
+        "bd,bd->b", model.input_vectors[centres], model.output_vectors[contexts])))), rel=1e-12)
+    cosine, score = mean_vectors(model)
+    assert score == pytest.approx((model.input_vectors @ model.output_vectors.T).mean(), rel=1e-12)
+    mean_in, mean_out = model.input_vectors.mean(0), model.output_vectors.mean(0)
+    assert cosine == pytest.approx(mean_in @ mean_out / np.linalg.norm(mean_in) / np.linalg.norm(mean_out))
+    one_table = SkipGram(model.input_vectors, model.input_vectors)
+    assert mean_vectors(one_table)[0] == pytest.approx(1.0) and mean_vectors(one_table)[1] >= 0
+    assert np.isnan(mean_vectors(SkipGram.initialise(7, 4, rng))[0])  # the output table starts at zero
+
+
+def test_one_table_cannot_lower_the_negatives_term_and_diverges_where_two_tables_train():
+    """The chapter's "one table" finding on a smaller problem: two tables make their progress on the negatives,
+    with a negative mean score of all pairs; one table keeps the negatives' term at its start, K log 2, and a mean
+    score that is never negative; at lr 0.15 one table diverges and two tables do not."""
+    require_data("dostoevsky/brothers_karamazov.txt")
+    from scratchlm.data import corpus
+
+    tokens = tokenize(corpus("dostoevsky"))[:30_000]
+    vocab = Vocabulary.build(tokens, 5)
+    ids = vocab.encode(tokens)
+    config = Word2VecConfig(min_count=5, dim=16, epochs=1)
+    probe = next(batches(ids, config, vocab, np.random.default_rng(123)))[:3]
+
+    def run(tables, lr=0.05):
+        start = SkipGram.initialise(len(vocab), config.dim, np.random.default_rng(0))
+        model = start if tables == 2 else SkipGram(start.input_vectors, start.input_vectors)
+        with np.errstate(over="ignore", invalid="ignore"):
+            trained, _ = train(ids, vocab, Word2VecConfig(min_count=5, dim=16, epochs=1, lr=lr), model=model,
+                               log_every=20)  # a check for divergence at every log
+        return (*loss_terms(trained, *probe), *mean_vectors(trained))
+
+    start_negative = config.negatives * np.log(2)
+    positive, negative, cosine, score = run(2)
+    assert negative < start_negative - 2.0 and positive > np.log(2)  # all progress on the negatives
+    assert cosine < -0.99 and score < -0.5
+    positive, negative, cosine, score = run(1)
+    assert abs(negative - start_negative) < 0.01 and abs(positive - np.log(2)) < 0.05
+    assert cosine == pytest.approx(1.0) and 0 <= score < 1e-3
+    run(2, lr=0.15)
+    with pytest.raises(ScratchLMError, match="diverged"):
+        run(1, lr=0.15)
+
+
+def test_analogies_are_also_counted_and_scored_per_section():
+    words = ["man", "woman", "king", "queen", "apple", "apples"]
+    vectors = WordVectors(words, np.array(
+        [[1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1], [0, -1, 0.2], [0.3, -1, 5]], dtype=float))
+    questions = [("family", "man", "woman", "king", "queen"), ("family", "man", "zebra", "a", "b"),
+                 ("gram8-plural", "king", "queen", "apple", "apples"), ("gram8-plural", "x", "y", "z", "w")]
+    result = evaluate_analogies(vectors, questions)
+    assert list(result["sections"]) == ["family", "gram8-plural"]
+    assert result["sections"]["family"] == {"questions": 2, "questions_used": 1, "accuracy": 1.0}
+    plural = result["sections"]["gram8-plural"]
+    assert plural["questions"] == 2 and plural["questions_used"] == 1 and plural["accuracy"] in (0.0, 1.0)
+    assert result["semantic_accuracy"] == 1.0 and result["syntactic_accuracy"] == plural["accuracy"]

@@ -334,3 +334,155 @@ def test_long_run_record_reproduces_its_first_evaluation():
     # float32 sums may round differently with another BLAS or thread count: equal to 4 digits, not bit for bit
     assert curves["train_loss"][0] == pytest.approx(record["curves"]["train_loss"][0], rel=1e-4)
     assert curves["val_nll"][0] == pytest.approx(record["curves"]["val_nll"][0], rel=1e-4)
+
+
+# ---------------------------------------------------------------- the count trigram baseline
+
+
+def test_trigram_nll_equals_a_hand_computation():
+    from collections import Counter
+
+    from scratchlm.bigram import CountTrigram
+
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 5, size=300), rng.integers(0, 5, size=40)
+    trigrams = Counter(zip(train[:-2], train[1:-1], train[2:]))
+    contexts = Counter(zip(train[:-2], train[1:-1]))
+    for k in (0.1, 1.0):
+        expected = -np.mean([np.log((trigrams[a, b, c] + k) / (contexts[a, b] + 5 * k))
+                             for a, b, c in zip(val[:-2], val[1:-1], val[2:])])
+        assert CountTrigram.fit(train, 5, k).nll(val) == pytest.approx(expected, rel=1e-12)
+
+
+def test_trigram_probabilities_sum_to_one_for_seen_and_unseen_contexts():
+    from scratchlm.bigram import CountTrigram
+
+    model = CountTrigram([0, 1, 2, 0, 1, 3, 1, 1], 4, smoothing=0.5)
+    for a, b in [(0, 1), (3, 3)]:  # (0, 1) was seen twice, (3, 3) never
+        total = sum(np.exp(-model.nll([a, b, c])) for c in range(4))
+        assert total == pytest.approx(1.0, rel=1e-12)
+    unsmoothed = CountTrigram([0, 1, 2, 0, 1, 2], 4, smoothing=0.0)
+    assert unsmoothed.nll([0, 1, 3]) == np.inf  # a seen context, an unseen trigram
+    assert unsmoothed.nll([3, 3, 3]) == pytest.approx(np.log(4))  # no evidence: uniform
+
+
+def test_trigram_refuses_bad_smoothing_and_ids():
+    from scratchlm.bigram import CountTrigram
+
+    with pytest.raises(ScratchLMError, match="-1"):
+        CountTrigram([0, 1, 2], 3, smoothing=-1)
+    with pytest.raises(ScratchLMError, match="at least 3"):
+        CountTrigram([0, 1], 3)
+    with pytest.raises(ScratchLMError, match="out of range"):
+        CountTrigram([0, 1, 2], 3).nll([0, 1, 5])
+
+
+def test_tune_smoothing_picks_the_best_candidate_on_the_training_tail():
+    from scratchlm.bigram import CountBigram, tune_smoothing
+
+    ids = np.random.default_rng(1).integers(0, 6, size=500)
+    candidates = (0.01, 1.0, 100.0)
+    best = tune_smoothing(CountBigram, ids, 6, candidates)
+    scores = [CountBigram.fit(ids[:450], 6, k).nll(ids[450:]) for k in candidates]
+    assert best == candidates[int(np.argmin(scores))]
+
+
+def test_tuned_trigram_baseline_on_tiny_shakespeare():
+    """The number Chapter 4 compares its attention model with, pinned."""
+    require_data("tinyshakespeare/input.txt")
+    from scratchlm.attention import character_data
+    from scratchlm.bigram import CountTrigram, tune_smoothing
+
+    tokenizer, train_ids, val_ids = character_data("tinyshakespeare")
+    k = tune_smoothing(CountTrigram, train_ids, tokenizer.vocab_size)
+    assert k == 0.1
+    nll = CountTrigram.fit(train_ids, tokenizer.vocab_size, k).nll(val_ids)
+    assert nll == pytest.approx(2.0458, abs=1e-4)
+    # better than the long attention run it is compared with in the chapter
+    record = read_record(ROOT / "book" / "_runs" / "attention_tiny_long.json")
+    assert nll < record["metrics"]["held_out_nll"]
+
+
+# ---------------------------------------------------------------- mutation testing (tests/MUTATION.md)
+
+
+def test_trigram_scores_its_own_text_like_a_hand_count_with_add_one_by_default():
+    """Every trigram of the text is queried, the one with the largest code included."""
+    from collections import Counter
+
+    from scratchlm.bigram import CountTrigram
+
+    ids = np.random.default_rng(2).integers(0, 4, size=200)
+    trigrams = Counter(zip(ids[:-2], ids[1:-1], ids[2:]))
+    contexts = Counter(zip(ids[:-2], ids[1:-1]))
+    expected = -np.mean([np.log((trigrams[a, b, c] + 1) / (contexts[a, b] + 4))
+                         for a, b, c in zip(ids[:-2], ids[1:-1], ids[2:])])
+    assert CountTrigram.fit(ids, 4).nll(ids) == pytest.approx(expected, rel=1e-12)
+    assert CountTrigram(ids, 4).nll(ids) == pytest.approx(expected, rel=1e-12)
+
+
+def test_trigram_scores_three_ids_refuses_two_and_warns_for_nothing():
+    from scratchlm.bigram import CountTrigram
+
+    model = CountTrigram([0, 1, 2, 0, 1, 2], 4, smoothing=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.nll([0, 1, 3]) == np.inf
+    with pytest.raises(ScratchLMError, match="need at least 3 token ids, got 2"):
+        model.nll([0, 1])
+
+
+def test_tune_smoothing_needs_twenty_ids():
+    from scratchlm.bigram import CountBigram, tune_smoothing
+
+    ids = np.random.default_rng(1).integers(0, 3, size=20)
+    assert tune_smoothing(CountBigram, ids, 3, (0.1, 1.0)) in (0.1, 1.0)
+    with pytest.raises(ScratchLMError, match="need at least 20 token ids, got 19"):
+        tune_smoothing(CountBigram, ids[:19], 3)
+
+
+def test_relative_error_is_scale_free_and_zero_for_zero_gradients():
+    from scratchlm.gradcheck import relative_error
+
+    assert relative_error(np.array([1e-3, 0.0]), np.array([2e-3, 0.0])) == pytest.approx(0.5)
+    assert relative_error(np.zeros(3), np.zeros(3)) == 0.0
+    assert relative_error(np.zeros(0), np.zeros(0)) == 0.0
+
+
+def test_gradient_checks_use_the_eps_they_are_given():
+    """Central differences of a cubic are off by eps^2 per entry: visible for a large eps."""
+    from scratchlm.layers import Layer
+
+    class Cube(Layer):
+        def __init__(self):
+            self.params, self.grads = {}, {}
+
+        def forward(self, x):
+            self.x = x
+            return x**3
+
+        def backward(self, dy):
+            return 3 * self.x**2 * dy
+
+    x = np.array([[1.0, 2.0]])
+    assert check_layer(Cube(), x, np.random.default_rng(0), eps=0.1)["input"] > 1e-4
+    assert check_layer(Cube(), x, np.random.default_rng(0))["input"] < 1e-6
+    a = np.array([1.0, 2.0])
+    errors = check_gradients(lambda: float((a**3).sum()), {"a": a}, {"a": 3 * a**2}, eps=0.1)
+    assert errors["a"] > 1e-4
+
+
+def test_layer_input_errors_name_the_layer_and_what_it_got():
+    rng = np.random.default_rng(0)
+    linear = Linear(2, 3, rng=rng)
+    assert "bias" in linear.params  # biases unless asked not to
+    for x, got in [([[1.0, 2.0]], "got list"), (np.ones((1, 2)), "got float64")]:
+        with pytest.raises(ScratchLMError, match=f"Linear expects a float32 array, {got}"):
+            linear.forward(x)
+    embedding = Embedding(5, 2, rng=rng)
+    with pytest.raises(ScratchLMError, match="Embedding expects integer ids, got float64"):
+        embedding.forward(np.zeros(2))
+    with pytest.raises(ScratchLMError, match="id 7 is out of range for an embedding of 5 rows"):
+        embedding.forward(np.array([0, 7]))
+    with pytest.raises(ScratchLMError, match=r"targets of shape \(3,\) do not match logits of shape \(2, 4\)"):
+        softmax_cross_entropy(np.zeros((2, 4)), np.zeros(3, dtype=int))

@@ -504,6 +504,47 @@ def test_a_damaged_checkpoint_is_a_one_line_error_and_exit_status_2(
     assert stderr.startswith("error: ") and stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "name, change, wrong",
+    [
+        ("wte.weight", lambda a: a[:, :2].copy(), "float32[5, 2]"),  # config says n_embd 4
+        ("ln_f.weight", lambda a: a.astype(np.float64), "float64[4]"),
+        ("m/wte.weight", lambda a: np.zeros_like(a), "unexpected tensor"),  # a model file has no moments
+    ],
+)
+def test_a_model_file_whose_arrays_disagree_with_its_config_is_refused(tmp_path, name, change, wrong):
+    path = small_model_file(tmp_path)
+    arrays, header = load_arrays(path, MODEL_KIND)
+    arrays[name] = change(arrays[name.removeprefix("m/")])
+    save_arrays(path, MODEL_KIND, arrays, {k: header[k] for k in ("config", "tokenizer")})
+    with pytest.raises(ScratchLMError) as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and repr(name) in message and wrong in message
+
+
+@pytest.mark.parametrize(
+    "name, change, wrong",
+    [
+        ("v/wpe.weight", lambda a: a[:3].copy(), "float32[3, 16]"),  # a moment cut short
+        ("m/lm_head", lambda a: a, "unexpected tensor"),  # a moment of no parameter
+        ("m/h.0.ln_1.bias", lambda a: a.astype(np.float64), "float64[16]"),
+    ],
+)
+def test_a_checkpoint_whose_moments_disagree_with_its_parameters_is_refused(tmp_path, name, change, wrong):
+    tokenizer, config = CharTokenizer("abcde"), tiny_config(tmp_path)
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, start_state(config, tokenizer.vocab_size), tokenizer, config)
+    arrays, header = load_arrays(path, CHECKPOINT_KIND)
+    arrays[name] = change(arrays.get(name, arrays["m/wpe.weight"]))
+    save_arrays(path, CHECKPOINT_KIND, arrays, header)
+    for load in (lambda: load_checkpoint(path, config, tokenizer), lambda: load_model(path)):
+        with pytest.raises(ScratchLMError) as caught:
+            load()
+        message = str(caught.value)
+        assert message.startswith(f"{path}: ") and repr(name) in message and wrong in message
+
+
 def test_a_checkpoint_from_another_run_is_refused(tmp_path):
     tokenizer, data = shakespeare()
     train(tiny_config(tmp_path, max_iters=5), data, tokenizer, log=io.StringIO())
@@ -655,3 +696,27 @@ def test_a_step_gradient_depends_on_its_own_batch_only():
     fresh.backward()
     for name, grad in fresh.grads.items():
         np.testing.assert_allclose(second[name], grad, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------- mutation testing (tests/MUTATION.md)
+
+
+def test_adamw_defaults_neither_decay_nor_damp_small_gradients():
+    from scratchlm.optim import AdamW
+
+    params = {"w": np.ones((2, 2)), "b": np.ones(2)}
+    optimizer = AdamW(params)
+    optimizer.step({"w": np.zeros((2, 2)), "b": np.full(2, 1e-3)}, lr=0.1)
+    np.testing.assert_array_equal(params["w"], np.ones((2, 2)))  # no weight decay unless asked
+    np.testing.assert_allclose(params["b"], 0.9, rtol=1e-5)  # a tiny eps: even a small gradient moves by lr
+
+
+def test_clipping_leaves_a_norm_at_the_limit_alone_and_never_overshoots():
+    from scratchlm.optim import clip_grad_norm
+
+    at_limit = {"a": np.array([0.6, 0.8])}
+    assert clip_grad_norm(at_limit, 1.0) == pytest.approx(1.0)
+    np.testing.assert_array_equal(at_limit["a"], [0.6, 0.8])
+    big = {"a": np.array([3.0, 4.0]), "b": np.array([12.0])}
+    assert clip_grad_norm(big, 1.0) == pytest.approx(13.0)
+    assert math.sqrt(sum(float((g**2).sum()) for g in big.values())) <= 1.0

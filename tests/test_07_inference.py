@@ -535,6 +535,22 @@ def test_every_truncation_of_an_export_is_refused(tmp_path, tokenizer):
             read_safetensors(cut)
 
 
+def test_import_names_the_file_and_the_first_tensor_that_disagrees_with_config_json(tmp_path, tokenizer):
+    export_gpt2(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors, metadata = read_safetensors(weights)
+    cut = {name: np.array(t) for name, t in tensors.items()}
+    cut["transformer.h.0.mlp.c_fc.weight"] = cut["transformer.h.0.mlp.c_fc.weight"][:, :5].copy()
+    write_safetensors(weights, cut, metadata)  # a valid header, one tensor cut to 5 columns
+    with pytest.raises(ScratchLMError) as caught:
+        import_gpt2(tmp_path)
+    assert str(caught.value) == (f"{weights}: tensor 'transformer.h.0.mlp.c_fc.weight' should be "
+                                 "float32[16, 64], got float32[16, 5]")
+    result = subprocess.run([sys.executable, "-m", "scratchlm", "import", "--model-dir", str(tmp_path),
+                             "--out", str(tmp_path / "back.npz")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "c_fc.weight" in result.stderr
+
+
 def test_import_refuses_wrong_shapes_dtypes_names_and_configs(tmp_path, tokenizer):
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     export_gpt2(model, tokenizer, tmp_path)
