@@ -578,6 +578,7 @@ def test_init_from_a_damaged_model_exits_2_without_a_traceback(tmp_path):
         ("n_layer = \n", "not valid TOML"),
         ("warmup_iters = -1\n", "warmup_iters must be at least 0"),
         ("beta2 = 1.0\n", "beta2 must be in"),
+        ('save_dtype = "bfloat16"\n', "save_dtype must be 'float16' or empty"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, capsys, text, message):
@@ -588,6 +589,37 @@ def test_config_errors_are_one_line(tmp_path, capsys, text, message):
     assert "\n" not in str(caught.value)
     assert main(["train", f"--config={path}"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_float16_model_file_is_half_the_size_and_loads_back_widened(tmp_path):
+    model = GPT(GPTConfig(5, 8, 2, 2, 32), rng=np.random.default_rng(0))
+    full, half = tmp_path / "full.npz", tmp_path / "half.npz"
+    save_model(full, model, CharTokenizer("abcde"))
+    save_model(half, model, CharTokenizer("abcde"), store_dtype="float16")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _, header = load_model(half)
+    assert header["stored_dtype"] == "float16"
+    for name, param in model.params.items():
+        assert loaded.params[name].dtype == np.float32
+        np.testing.assert_array_equal(
+            loaded.params[name], param.astype(np.float16).astype(np.float32)
+        )
+    arrays, header = load_arrays(half, MODEL_KIND)  # float32 arrays under a float16 header
+    save_arrays(half, MODEL_KIND, {**arrays, "wte.weight": arrays["wte.weight"]
+                                   .astype(np.float32)}, {**header})
+    with pytest.raises(ScratchLMError, match=r"tensor 'wte.weight' should be float16"):
+        load_model(half)
+    save_arrays(half, MODEL_KIND, arrays, {**header, "stored_dtype": "int8"})
+    with pytest.raises(ScratchLMError, match="unknown stored_dtype 'int8'"):
+        load_model(half)
+
+
+def test_the_committed_comparison_model_is_stored_in_float16():
+    path = ROOT / "book/_runs/chat_scratch.npz"
+    model, _, header = load_model(path)
+    assert header["stored_dtype"] == "float16"
+    assert header["train_config"]["save_dtype"] == "float16"
+    assert model.params["wte.weight"].dtype == np.float32
 
 
 def test_every_committed_config_loads():
