@@ -421,6 +421,9 @@ def test_training_logs_every_eval_every_steps_and_the_last():
     assert curve["step"] == [0, 100, 200, 250]
     assert curve["train_loss"][0] == first_loss and curve["train_loss"][-1] < first_loss
     assert len(curve["val_nll"]) == 4
+    # the model handed back is the one the last point measured: max_steps updates
+    assert model.nll([0, 1, 2, 3]) == curve["val_nll"][-1]
+    assert model.loss_and_grad_counts(counts)[0] == curve["train_loss"][-1]
 
 
 def test_training_stops_as_soon_as_the_target_is_reached():
