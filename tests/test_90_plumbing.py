@@ -62,6 +62,14 @@ def test_corrupted_truncated_foreign_and_pickled_files_are_refused(tmp_path):
             load_arrays(tmp_path / name, "thing")
     with pytest.raises(ScratchLMError, match="holds a 'thing', not a 'other'"):
         load_arrays(tmp_path / "ok.npz", "other")
+    # a text file, an empty file, a bare pickle: refused as not an archive, with no
+    # advice to allow pickles (what np.load itself would say)
+    (tmp_path / "notes.npz").write_text("some text, not an archive\n")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    for name in ("notes.npz", "empty.npz", "pickled.npy", "garbage.npz"):
+        with pytest.raises(ScratchLMError, match="not an .npz archive") as caught:
+            load_arrays(tmp_path / name, "thing")
+        assert "pickle" not in str(caught.value).replace(str(tmp_path / name), "")
 
 
 def test_check_arrays_names_the_source_and_the_first_tensor_that_does_not_fit():
