@@ -1,7 +1,9 @@
 """Chapter 3: skip-gram with negative sampling, its sampler, its scatter-add, its queries and its records."""
 
 import json
+import math
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -11,7 +13,16 @@ from conftest import ROOT, require_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchlm.embedding_eval import WordVectors, evaluate_analogies, ranks, spearman
+from scratchlm.embedding_eval import (
+    WordVectors,
+    evaluate_analogies,
+    evaluate_similarity,
+    random_pair_cosines,
+    ranks,
+    read_analogies,
+    read_word_pairs,
+    spearman,
+)
 from scratchlm.errors import ScratchLMError
 from scratchlm.files import save_arrays
 from scratchlm.word2vec import (
@@ -410,3 +421,199 @@ def test_analogies_are_also_counted_and_scored_per_section():
     plural = result["sections"]["gram8-plural"]
     assert plural["questions"] == 2 and plural["questions_used"] == 1 and plural["accuracy"] in (0.0, 1.0)
     assert result["semantic_accuracy"] == 1.0 and result["syntactic_accuracy"] == plural["accuracy"]
+
+
+# ---- asking the vectors questions (embedding_eval) ------------------------------------
+
+
+def test_word_vectors_are_unit_length_and_a_zero_vector_stays_zero():
+    vectors = WordVectors(["a", "b", "c"], np.array([[3.0, 4.0], [0.0, 0.0], [1e-30, 0.0]]))
+    assert vectors.unit.dtype == np.float32
+    np.testing.assert_allclose(vectors.unit, [[0.6, 0.8], [0.0, 0.0], [1e-18, 0.0]], rtol=1e-6, atol=0)
+    assert vectors.words == ["a", "b", "c"] and vectors.index == {"a": 0, "b": 1, "c": 2}
+    with pytest.raises(ScratchLMError, match="^3 words but 2 vectors$"):
+        WordVectors(["a", "b", "c"], np.eye(2))
+
+
+def test_a_word_is_looked_up_in_lower_case_and_an_unknown_one_is_named():
+    words = [f"w{i}" for i in range(1234)]
+    vectors = WordVectors(words, np.eye(1234)[:, :8] + 0.1)
+    assert vectors.id("W7") == 7
+    with pytest.raises(ScratchLMError, match=r"^'Zebra' is not in the vocabulary of 1,234 words$"):
+        vectors.id("Zebra")
+
+
+def test_similarity_is_the_cosine_of_the_two_words():
+    vectors = WordVectors(["a", "b", "c"], np.array([[2.0, 0.0], [1.0, 1.0], [-3.0, 0.0]]))
+    assert vectors.similarity("a", "b") == pytest.approx(2**-0.5)
+    assert vectors.similarity("a", "c") == pytest.approx(-1.0)
+    assert vectors.similarity("B", "b") == pytest.approx(1.0)
+    assert isinstance(vectors.similarity("a", "b"), float)
+
+
+def test_nearest_ranks_by_angle_leaves_out_the_excluded_and_returns_at_most_what_is_left():
+    vectors = WordVectors(["a", "b", "c", "d"], np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 5.0], [-1.0, 0.0]]))
+    nearest = vectors.nearest(np.array([10.0, 0.0]), 3)
+    assert [w for w, _ in nearest] == ["a", "b", "c"]
+    assert [s for _, s in nearest] == pytest.approx([1.0, 2**-0.5, 0.0], abs=1e-6)
+    assert all(type(s) is float for _, s in nearest)
+    assert [w for w, _ in vectors.nearest(np.array([1.0, 0.0]), 10, exclude=(0, 1))] == ["c", "d"]
+    assert [w for w, _ in vectors.nearest(np.array([1.0, 0.0]), 10, exclude=(0, 0))] == ["b", "c", "d"]
+    assert vectors.nearest(np.array([0.0, 0.0]), 1) == [("a", 0.0)]  # a zero query: no NaN, first row wins ties
+    assert [w for w, _ in vectors.nearest(np.array([0.0, 1.0]), 1)] == ["c"]
+    for k in (0, -1):
+        with pytest.raises(ScratchLMError, match=f"^k must be at least 1, got {k}$"):
+            vectors.nearest(np.array([1.0, 0.0]), k)
+
+
+def test_most_similar_never_returns_the_word_itself_and_analogy_never_a_question_word():
+    vectors = WordVectors(["a", "b", "c", "d"], np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]]))
+    assert [w for w, _ in vectors.most_similar("a")] == ["b", "c", "d"]
+    assert [w for w, _ in vectors.most_similar("A", k=1)] == ["b"]
+    words = ["man", "woman", "king", "queen", "apple"]
+    vectors = WordVectors(words, np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1], [0, -1, 0.2]], float))
+    query = vectors.unit[1] - vectors.unit[0] + vectors.unit[2]
+    # without the exclusion, woman and king would come right after queen
+    assert [w for w, _ in vectors.nearest(query, 3)] == ["queen", "woman", "king"]
+    answer = vectors.analogy("Man", "woman", "king", k=2)
+    assert [w for w, _ in answer] == ["queen", "apple"]
+    assert answer == vectors.nearest(query, 2, exclude=(0, 1, 2))
+
+
+def test_word_pairs_are_read_lower_cased_skipping_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("# Word 1\tWord 2\tHuman\nTiger\tcat\t7.35\n\n   \nold new 1.58 extra\n", encoding="utf-8")
+    assert read_word_pairs(path) == [("tiger", "cat", 7.35), ("old", "new", 1.58)]
+    for bad, line in (("a\tb\n", 1), ("# c\na b 1\nx y high\n", 3)):
+        path.write_text(bad, encoding="utf-8")
+        with pytest.raises(ScratchLMError, match=f"^{path}:{line}: expected 'word1 word2 score', got "):
+            read_word_pairs(path)
+    path.write_text("# only a comment\n\n", encoding="utf-8")
+    with pytest.raises(ScratchLMError, match=f"^{path}: no 'word1 word2 score' lines"):
+        read_word_pairs(path)
+    with pytest.raises(ScratchLMError, match="no word pairs to evaluate"):
+        evaluate_similarity(None, [])
+
+
+def test_analogy_questions_are_read_by_section_lower_cased(tmp_path):
+    path = tmp_path / "questions.txt"
+    path.write_text(": capital-common\nAthens Greece Baghdad Iraq\n: gram1-adjective-to-adverb\n"
+                    "calm calmly quick quickly\n", encoding="utf-8")
+    assert read_analogies(path) == [("capital-common", "athens", "greece", "baghdad", "iraq"),
+                                    ("gram1-adjective-to-adverb", "calm", "calmly", "quick", "quickly")]
+    path.write_text("a b c d\n: s\na b c\n", encoding="utf-8")
+    with pytest.raises(ScratchLMError, match=f"^{path}:3: expected four words, got 'a b c'$"):
+        read_analogies(path)
+    path.write_text("a b c d\n", encoding="utf-8")
+    assert read_analogies(path) == [("", "a", "b", "c", "d")]
+
+
+def test_similarity_score_is_spearman_on_the_known_pairs_and_counts_the_unknown():
+    vectors = WordVectors(["a", "b", "c", "d"], np.array([[1.0, 0.0], [1.0, 0.2], [1.0, 1.0], [0.0, 1.0]]))
+    # cosines with a: b 0.98, c 0.71, d 0: the human scores agree in order, though not in scale
+    pairs = [("a", "b", 9.0), ("a", "c", 5.0), ("a", "d", 4.9), ("a", "zebra", 10.0)]
+    result = evaluate_similarity(vectors, pairs)
+    assert result == {"spearman": pytest.approx(1.0), "pairs_used": 3, "pairs": 4, "oov_rate": 0.25}
+    reversed_ = evaluate_similarity(vectors, [(a, b, -s) for a, b, s in pairs])
+    assert reversed_["spearman"] == pytest.approx(-1.0)
+    two = evaluate_similarity(vectors, pairs[:2] + [("zebra", "a", 1.0)])
+    assert math.isnan(two["spearman"]) and two["pairs_used"] == 2 and two["oov_rate"] == pytest.approx(1 / 3)
+
+
+def test_spearman_ranks_ties_by_their_mean_rank():
+    assert ranks(np.array([3.0, 1.0, 2.0])).tolist() == [3.0, 1.0, 2.0]
+    assert ranks(np.array([5.0, 5.0, 5.0])).tolist() == [2.0, 2.0, 2.0]
+    assert ranks(np.array([2.0, 1.0, 2.0, 1.0, 0.0])).tolist() == [4.5, 2.5, 4.5, 2.5, 1.0]
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+
+
+def test_analogies_are_scored_in_blocks_and_a_question_word_is_never_the_answer():
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    vectors = WordVectors(words, rng.standard_normal((40, 16)))
+    # 1,100 questions span three blocks of 512; each answer is the true 3CosAdd argmax or a wrong word
+    questions = []
+    for q in range(1100):
+        a, b, c = rng.choice(40, size=3, replace=False)
+        best = vectors.analogy(words[a], words[b], words[c])[0][0]
+        wrong = next(w for w in words if w not in (best, words[a], words[b], words[c]))
+        section = "family" if q % 3 else "gram2-opposite"
+        questions.append((section, words[a], words[b], words[c], best if q % 2 else wrong))
+    result = evaluate_analogies(vectors, questions)
+    assert result["questions_used"] == result["questions"] == 1100
+    assert result["accuracy"] == pytest.approx(550 / 1100)
+    family = [q for q in range(1100) if q % 3]
+    assert result["semantic_accuracy"] == pytest.approx(sum(q % 2 for q in family) / len(family))
+    # a question whose answer is one of its own words is never right: those words are excluded
+    echo = [("s", "w0", "w1", "w2", "w2"), ("s", "w3", "w4", "w5", "w3")]
+    assert evaluate_analogies(vectors, echo)["accuracy"] == 0.0
+
+
+def test_analogies_with_no_known_question_have_no_accuracy():
+    vectors = WordVectors(["a", "b"], np.eye(2))
+    result = evaluate_analogies(vectors, [("gram1", "a", "b", "x", "y")])
+    assert result["questions_used"] == 0 and result["questions"] == 1
+    assert all(math.isnan(result[key]) for key in ("accuracy", "semantic_accuracy", "syntactic_accuracy"))
+    assert result["sections"]["gram1"]["questions_used"] == 0 and math.isnan(result["sections"]["gram1"]["accuracy"])
+
+
+def test_random_pairs_are_always_two_different_words():
+    vectors = WordVectors(["a", "b"], np.array([[1.0, 0.0], [0.6, 0.8]]))
+    cosines = random_pair_cosines(vectors, 50, np.random.default_rng(0))
+    assert cosines.shape == (50,) and np.allclose(cosines, 0.6)
+    vectors = WordVectors([f"w{i}" for i in range(5)], np.eye(5))  # distinct words are orthogonal
+    cosines = random_pair_cosines(vectors, 200, np.random.default_rng(1))
+    assert np.all(cosines == 0.0)
+    again = random_pair_cosines(WordVectors(["a", "b", "c"], np.random.default_rng(2).standard_normal((3, 4))),
+                                100, np.random.default_rng(3))
+    assert len(set(np.round(again, 5))) == 3  # every one of the three pairs turns up
+
+
+def test_nearest_breaks_ties_by_row_and_ignores_the_length_of_the_query():
+    # 100 words in two directions: the 50 tied best come back in the order of their rows
+    vectors = WordVectors([f"w{i}" for i in range(100)], np.array([[1.0, 0.0], [0.6, 0.8]] * 50))
+    nearest = vectors.nearest(np.array([0.1, 0.0]), 10)
+    assert [w for w, _ in nearest] == [f"w{i}" for i in range(0, 20, 2)]
+    assert [s for _, s in nearest] == pytest.approx([1.0] * 10)  # a short query still scores cosines
+
+
+def test_most_similar_gives_ten_neighbours_and_analogy_one_answer_by_default():
+    vectors = WordVectors([f"w{i}" for i in range(30)], np.random.default_rng(0).standard_normal((30, 5)))
+    assert len(vectors.most_similar("w0")) == 10
+    assert len(vectors.analogy("w0", "w1", "w2")) == 1
+
+
+def test_analogy_sections_count_only_their_own_questions():
+    words = ["man", "woman", "king", "queen", "apple", "apples"]
+    vectors = WordVectors(words, np.array(
+        [[1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1], [0, -1, 0.2], [0.3, -1, 5]], dtype=float))
+    questions = [("family", "man", "woman", "king", "queen")] * 3 + [("family", "zebra", "woman", "king", "queen")]
+    questions += [("capitals", "man", "woman", "king", "apple"), ("capitals", "x", "y", "z", "w")]
+    result = evaluate_analogies(vectors, questions)
+    assert result["questions_used"] == 4 and result["accuracy"] == 0.75
+    assert result["sections"] == {
+        "family": {"questions": 4, "questions_used": 3, "accuracy": 1.0},
+        "capitals": {"questions": 2, "questions_used": 1, "accuracy": 0.0},
+    }
+
+
+def test_no_known_question_gives_nan_without_a_warning():
+    vectors = WordVectors(["a", "b"], np.eye(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate_analogies(vectors, [("gram1", "a", "b", "x", "y"), ("family", "a", "b", "a", "b")])
+    assert math.isnan(result["syntactic_accuracy"]) and result["semantic_accuracy"] == 0.0
+
+
+def test_a_section_line_needs_no_space_after_the_colon(tmp_path):
+    path = tmp_path / "questions.txt"
+    path.write_text(":family\nman woman king queen\n", encoding="utf-8")
+    assert read_analogies(path) == [("family", "man", "woman", "king", "queen")]
+
+
+def test_random_pairs_are_uniform_over_the_pairs_of_distinct_words():
+    vectors = WordVectors(["a", "b", "c", "d"], np.random.default_rng(0).standard_normal((4, 8)))
+    cosines = random_pair_cosines(vectors, 6000, np.random.default_rng(1))
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    counts = [int(np.isclose(cosines, vectors.unit[i] @ vectors.unit[j]).sum()) for i, j in pairs]
+    assert sum(counts) == 6000 and all(850 < count < 1150 for count in counts), counts  # 1,000 expected each

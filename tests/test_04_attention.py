@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -17,11 +18,14 @@ from scratchlm.attention import (
     CausalSelfAttention,
     TinyAttentionLM,
     attention_backward,
+    attention_flops,
     attention_forward,
+    benchmark,
     causal_mask,
     gradient_descent,
     held_out_nll,
     masked_softmax,
+    random_windows,
 )
 from scratchlm.errors import ScratchLMError
 from scratchlm.gradcheck import check_gradients, check_layer, numerical_gradient
@@ -486,3 +490,289 @@ def test_layer_input_errors_name_the_layer_and_what_it_got():
         embedding.forward(np.array([0, 7]))
     with pytest.raises(ScratchLMError, match=r"targets of shape \(3,\) do not match logits of shape \(2, 4\)"):
         softmax_cross_entropy(np.zeros((2, 4)), np.zeros(3, dtype=int))
+
+
+# ---- the commands and the training loop, in process (so that mutation testing sees them) ----
+
+
+CORPUS_TEXT = "the cat sat on the mat. the dog sat on the log.\n" * 40  # 1,920 characters
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS_TEXT, encoding="utf-8")
+    return path
+
+
+def run_main(capsys, monkeypatch, *argv):
+    from scratchlm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["scratchlm", "attention", *map(str, argv)])
+    code = main(["attention", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SMALL = ("--steps", 5, "--eval-every", 2, "--d-model", 8, "--n-head", 2, "--block-size", 8, "--batch-size", 2)
+
+
+def test_attention_flops_count_projections_and_both_products_three_times():
+    assert attention_flops(1, 1, 1) == 3 * (8 + 4)
+    # B=2, T=3, C=4: projections 8*6*16 = 768, products 4*2*9*4 = 288
+    assert attention_flops(2, 3, 4) == 3 * (768 + 288)
+
+
+def test_median_seconds_warms_up_once_and_takes_the_median(monkeypatch):
+    import scratchlm.attention as attention
+
+    clock = {"now": 0.0, "calls": 0}
+    durations = iter([1000.0, 1.0, 100.0, 2.0])  # the warm-up call's time is never measured
+
+    def work():
+        clock["calls"] += 1
+        clock["now"] += next(durations)
+
+    monkeypatch.setattr(attention.time, "perf_counter", lambda: clock["now"])
+    assert attention.median_seconds(work, 3) == 2.0 and clock["calls"] == 4
+
+
+def test_benchmark_times_the_layer_against_a_matmul_of_the_same_flops():
+    result = benchmark(d_model=64, n_head=2, batch=2, n_tokens=16, repeat=2, seed=1)
+    flops = attention_flops(2, 16, 64)
+    assert {k: result[k] for k in ("d_model", "n_head", "batch", "n_tokens", "dtype")} == {
+        "d_model": 64, "n_head": 2, "batch": 2, "n_tokens": 16, "dtype": "float32"}
+    assert result["gflop"] == flops / 1e9
+    assert result["layer_ms"] > 0 and result["matmul_ms"] > 0
+    assert result["layer_gflops"] == pytest.approx(flops / (result["layer_ms"] / 1e3) / 1e9)
+    # the matmul's width is rounded to a whole number of columns: its FLOPs match to within one column
+    matmul_flops = result["matmul_gflops"] * 1e9 * result["matmul_ms"] / 1e3
+    assert abs(matmul_flops - flops) <= 2 * 2 * 16 * 64
+    # both really compute: one CPU core does not reach 5,000 GFLOP/s
+    assert result["matmul_gflops"] < 5000 and result["layer_gflops"] < 5000
+    assert result["ratio_to_matmul"] == pytest.approx(result["layer_ms"] / result["matmul_ms"])
+
+
+def test_bench_command_prints_the_timing_or_one_json_object(capsys, monkeypatch):
+    args = ("bench", "--d-model", 16, "--n-head", 2, "--batch", 2, "--tokens", 8, "--repeat", 1)
+    code, out, _ = run_main(capsys, monkeypatch, *args, "--json")
+    result = json.loads(out)
+    assert code == 0 and (result["d_model"], result["n_head"], result["batch"], result["n_tokens"]) == (16, 2, 2, 8)
+    code, out, _ = run_main(capsys, monkeypatch, *args)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 4
+    assert lines[0] == "causal self-attention, d_model 16, 2 heads, batch 2 x 8 tokens, float32"
+    assert re.fullmatch(r"  forward\+backward: +\d+\.\d\d ms  \(\d+\.\d GFLOP/s\)", lines[1])
+    assert re.fullmatch(r"  matmul, same \d\.\d{3} GFLOP: +\d+\.\d\d ms  \(\d+\.\d GFLOP/s\)", lines[2])
+    assert re.fullmatch(r"  ratio: \d+\.\d\dx the time of the matmul", lines[3])
+
+
+@pytest.mark.parametrize("name", ["d-model", "n-head", "batch", "tokens", "repeat"])
+def test_bench_command_refuses_a_size_that_is_not_positive(capsys, monkeypatch, name):
+    code, out, err = run_main(capsys, monkeypatch, "bench", f"--{name}", 0)
+    assert code == 2 and out == "" and err == f"error: --{name} must be positive, got 0\n"
+
+
+def test_commands_default_to_the_chapters_settings():
+    from scratchlm.attention import TRAIN_DEFAULTS
+    from scratchlm.cli import build_parser
+
+    args = build_parser().parse_args(["attention", "bench"])
+    assert (args.d_model, args.n_head, args.batch, args.tokens, args.repeat, args.json) == (128, 4, 12, 64, 20, False)
+    args = build_parser().parse_args(["attention", "train"])
+    assert {name: getattr(args, name) for name in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+    assert args.record is None and args.json is False
+    args = build_parser().parse_args(["attention", "train", "--learning-rate", "0.5", "--steps", "7"])
+    assert args.learning_rate == 0.5 and args.steps == 7
+
+
+def test_random_windows_pair_each_position_with_the_next_token():
+    ids = np.arange(100) * 3
+    inputs, targets = random_windows(ids, 6, 10, np.random.default_rng(0))
+    assert inputs.shape == targets.shape == (6, 10)
+    assert np.array_equal(targets, inputs + 3) and np.array_equal(np.diff(inputs, axis=1), np.full((6, 9), 3))
+    starts = [random_windows(ids, 1, 10, np.random.default_rng(s))[0][0, 0] // 3 for s in range(200)]
+    assert min(starts) == 0 and max(starts) == 89  # every start whose target is still in the text
+    inputs, targets = random_windows(ids[:11], 3, 10, np.random.default_rng(0))  # just long enough
+    assert np.array_equal(inputs, np.tile(ids[:10], (3, 1))) and np.array_equal(targets, np.tile(ids[1:11], (3, 1)))
+    with pytest.raises(ScratchLMError, match="^a text of 10 tokens is too short for windows of 10$"):
+        random_windows(ids[:10], 3, 10, np.random.default_rng(0))
+
+
+def test_held_out_nll_does_not_depend_on_the_batch_size_and_needs_two_tokens():
+    model = TinyAttentionLM(4, 8, 16, 2, rng=rng(), dtype=np.float64)
+    ids = np.arange(45) % 4
+    assert held_out_nll(model, ids, batch_size=1) == pytest.approx(held_out_nll(model, ids), rel=1e-12)
+    assert held_out_nll(model, ids[:2]) == pytest.approx(
+        -float(np.log(softmax(model.forward(ids[None, :1]))[0, 0, 1])))
+    with pytest.raises(ScratchLMError, match="^need at least 2 tokens to measure a next-token loss, got 1$"):
+        held_out_nll(model, ids[:1])
+    # 16 predictions fill two windows of 8 exactly: no empty third window
+    expected, _ = softmax_cross_entropy(model.forward(ids[:16].reshape(2, 8)), ids[1:17].reshape(2, 8))
+    assert held_out_nll(model, ids[:17]) == pytest.approx(expected)
+
+
+def test_gradient_descent_logs_every_so_often_and_the_last_step_and_stops_on_divergence():
+    text = np.tile(np.array([0, 1, 2, 3, 2, 1], dtype=np.int64), 50)
+    model = TinyAttentionLM(4, 8, 16, 2, rng=rng())
+    curve = gradient_descent(model, text, steps=7, batch_size=4, learning_rate=0.1, rng=rng(1), log_every=3)
+    assert [step for step, _ in curve] == [0, 3, 6]
+    curve = gradient_descent(model, text, steps=52, batch_size=4, learning_rate=0.1, rng=rng(1))
+    assert [step for step, _ in curve] == [0, 50, 51]  # the default logs every 50 steps, and the last
+    model = TinyAttentionLM(4, 8, 16, 2, rng=rng())
+    with np.errstate(all="ignore"), pytest.raises(ScratchLMError, match="loss at step"):
+        gradient_descent(model, text, steps=20, batch_size=4, learning_rate=1e30, rng=rng(1))
+
+
+def test_train_tiny_evaluates_every_eval_every_steps_and_once_at_the_end(corpus_file):
+    from scratchlm.attention import TRAIN_DEFAULTS, character_data, train_tiny
+
+    config = dict(TRAIN_DEFAULTS, corpus=str(corpus_file), steps=7, eval_every=3, d_model=8, n_head=2,
+                  block_size=8, batch_size=2)
+    model, curves = train_tiny(config)
+    assert curves["step"] == [3, 6, 7] and len(curves["train_loss"]) == len(curves["val_nll"]) == 3
+    assert all(type(x) is float for x in curves["train_loss"] + curves["val_nll"])
+    tokenizer, train_ids, val_ids = character_data(str(corpus_file))
+    assert model.block_size == 8 and model.params["token.weight"].shape == (tokenizer.vocab_size, 8)
+    assert curves["val_nll"][-1] == held_out_nll(model, val_ids)
+    # the same seed gives the same run; the first chunk's loss is the mean over all three of its steps
+    again = TinyAttentionLM(tokenizer.vocab_size, 8, 8, 2, rng=np.random.default_rng(0))
+    losses = gradient_descent(again, train_ids, steps=3, batch_size=2, learning_rate=1.0,
+                              rng=np.random.default_rng(1), log_every=1)
+    assert curves["train_loss"][0] == pytest.approx(np.mean([loss for _, loss in losses]), rel=1e-6)
+    assert train_tiny(config)[1] == curves
+    assert train_tiny(dict(config, seed=1))[1] != curves
+
+
+def test_character_data_is_chapter_ones_tokenizer_and_split(corpus_file):
+    from scratchlm.attention import character_data
+    from scratchlm.chars import CharTokenizer
+    from scratchlm.data import train_val_split
+
+    tokenizer, train_ids, val_ids = character_data(str(corpus_file))
+    train_text, val_text = train_val_split(CORPUS_TEXT)
+    assert tokenizer.decode(train_ids) == train_text and tokenizer.decode(val_ids) == val_text
+    assert tokenizer.vocab_size == CharTokenizer.from_text(CORPUS_TEXT).vocab_size
+
+
+def test_train_command_reports_and_records_the_run(capsys, monkeypatch, tmp_path, corpus_file):
+    from scratchlm.attention import character_data
+    from scratchlm.bigram import CountBigram
+
+    record = tmp_path / "run.json"
+    code, out, _ = run_main(capsys, monkeypatch, "train", "--corpus", corpus_file, *SMALL, "--json",
+                            "--record", record)
+    printed, saved = json.loads(out), read_record(record)
+    assert code == 0 and set(printed) == {"config", "metrics", "curves", "elapsed_seconds"}
+    assert printed["config"] == {"corpus": str(corpus_file), "d_model": 8, "n_head": 2, "block_size": 8,
+                                 "batch_size": 2, "learning_rate": 1.0, "steps": 5, "eval_every": 2, "seed": 0}
+    assert printed["curves"]["step"] == [2, 4, 5]
+    tokenizer, train_ids, val_ids = character_data(str(corpus_file))
+    metrics = printed["metrics"]
+    assert metrics["held_out_nll"] == printed["curves"]["val_nll"][-1]
+    assert metrics["bigram_nll"] == pytest.approx(CountBigram.fit(train_ids, tokenizer.vocab_size, smoothing=1.0)
+                                                  .nll(val_ids))
+    model = TinyAttentionLM(tokenizer.vocab_size, 8, 8, 2, rng=rng())
+    assert metrics["n_params"] == sum(p.size for p in model.params.values())
+    assert saved["config"] == printed["config"] and saved["metrics"] == metrics
+    assert saved["curves"] == printed["curves"] and saved["command"].startswith("python -m scratchlm attention train")
+    assert 0 <= printed["elapsed_seconds"] < 60 and 0 <= saved["elapsed_seconds"] < 60
+    code, out, _ = run_main(capsys, monkeypatch, "train", "--corpus", corpus_file, *SMALL)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 4
+    for line, step in zip(lines, ("      2", "      4", "      5")):
+        assert re.fullmatch(rf"step {step}  training loss \d+\.\d{{4}}  held-out NLL \d+\.\d{{4}}", line)
+    assert lines[2].endswith(f"held-out NLL {metrics['held_out_nll']:.4f}")
+    assert re.fullmatch(rf"held-out NLL {metrics['held_out_nll']:.4f} nats/char \(count bigram "
+                        rf"{metrics['bigram_nll']:.4f}\), \d+ s", lines[3])
+
+
+@pytest.mark.parametrize("name", ["d-model", "n-head", "block-size", "batch-size", "learning-rate", "steps",
+                                  "eval-every"])
+def test_train_command_refuses_a_setting_that_is_not_positive(capsys, monkeypatch, name, corpus_file):
+    code, out, err = run_main(capsys, monkeypatch, "train", "--corpus", corpus_file, f"--{name}", 0)
+    assert code == 2 and out == "" and err.startswith(f"error: --{name} must be positive, got 0")
+
+
+def test_train_command_accepts_seed_zero_and_any_corpus_name_it_can_read(capsys, monkeypatch, corpus_file):
+    code, _, _ = run_main(capsys, monkeypatch, "train", "--corpus", corpus_file, *SMALL, "--seed", 0, "--json")
+    assert code == 0
+
+
+def test_benchmark_defaults_to_the_chapters_layer():
+    result = benchmark(repeat=1)
+    assert (result["d_model"], result["n_head"], result["batch"], result["n_tokens"]) == (128, 4, 12, 64)
+
+
+def test_bench_command_times_as_many_calls_as_asked(capsys, monkeypatch):
+    import scratchlm.attention as attention
+
+    repeats, median_seconds = [], attention.median_seconds
+
+    def counting(work, repeat):
+        repeats.append(repeat)
+        return median_seconds(work, repeat)
+
+    monkeypatch.setattr(attention, "median_seconds", counting)
+    code, _, _ = run_main(capsys, monkeypatch, "bench", "--d-model", 8, "--n-head", 2, "--batch", 1, "--tokens", 4,
+                          "--repeat", 3, "--json")
+    assert code == 0 and repeats == [3, 3]  # the layer, then the matmul
+
+
+def test_the_tiny_model_names_its_parameters_and_keeps_its_dtype():
+    model = TinyAttentionLM(5, 4, 8, 2, rng=rng())
+    assert model.dtype == np.float32 and TinyAttentionLM(5, 4, 8, 2, rng=rng(), dtype=np.float64).dtype == np.float64
+    assert set(model.params) == {
+        "token.weight", "position.weight", "attention.qkv.weight", "attention.qkv.bias", "attention.proj.weight",
+        "attention.proj.bias", "head.weight", "head.bias"}
+    with pytest.raises(ScratchLMError, match=r"expected ids of shape \(batch, 1\.\.4\), got \(1, 0\)"):
+        model.forward(np.zeros((1, 0), dtype=np.int64))
+    with pytest.raises(ScratchLMError, match=r"got \(4,\)"):
+        model.forward(np.zeros(4, dtype=np.int64))
+
+
+def test_the_attention_command_needs_a_subcommand(capsys):
+    from scratchlm.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["attention"])
+    assert caught.value.code == 2 and "required: COMMAND" in capsys.readouterr().err
+
+
+def test_attention_input_errors_name_the_layer():
+    layer = CausalSelfAttention(8, 2, rng=rng())
+    with pytest.raises(ScratchLMError, match="^CausalSelfAttention expects a float32 array, got float64$"):
+        layer.forward(np.zeros((1, 2, 8)))
+    with pytest.raises(ScratchLMError, match=r"^CausalSelfAttention expects inputs of shape \(\.\.\., 8\), got \(1, 2, 4\)$"):
+        layer.forward(np.zeros((1, 2, 4), dtype=np.float32))
+
+
+def test_masked_softmax_leaves_its_input_alone_unless_told_to_work_in_place():
+    scores = np.random.default_rng(0).standard_normal((2, 3, 3))
+    before = scores.copy()
+    probs = masked_softmax(scores, causal_mask(3))
+    assert np.array_equal(scores, before) and not np.shares_memory(probs, scores)
+    probs = masked_softmax(scores, causal_mask(3), in_place=True)
+    assert np.shares_memory(probs, scores) and np.allclose(probs.sum(axis=-1), 1.0)
+
+
+def test_every_option_of_the_attention_commands_says_what_it_does_in_help():
+    import argparse
+
+    from scratchlm.cli import build_parser
+
+    def check(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                assert all(helps.get(sub_name) for sub_name in action.choices), name
+                for sub_name, command in action.choices.items():
+                    check(command, f"{name} {sub_name}")
+            elif not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{name} {action.option_strings}"
+
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("attention",):
+        assert next(choice.help for choice in top._choices_actions if choice.dest == name), name
+        assert top.choices[name].description, name
+        check(top.choices[name], name)

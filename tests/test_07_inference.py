@@ -597,3 +597,270 @@ def test_export_and_import_cli(capsys, tmp_path, model_file):
     code, _, err = run_cli(capsys, "import", "--model-dir", tmp_path / "nothing", "--out",
                            tmp_path / "x.npz")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_config_json_is_gpt2s_with_our_sizes_and_the_end_of_text_token(tmp_path, tokenizer):
+    model = tiny_model(vocab_size=tokenizer.vocab_size, dtype="float64")
+    export_gpt2(model, tokenizer, tmp_path)
+    text = (tmp_path / "config.json").read_text(encoding="utf-8")
+    assert text.endswith("}\n") and '\n  "model_type": "gpt2",\n' in text  # readable: one key a line
+    assert json.loads(text) == {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": tokenizer.vocab_size,
+        "n_positions": 16, "n_ctx": 16, "n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True,
+        "scale_attn_weights": True, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "bos_token_id": 256, "eos_token_id": 256, "torch_dtype": "float64",
+    }
+    chars = CharTokenizer("abc")  # no special tokens: GPT-2's config then names none
+    export_gpt2(tiny_model(vocab_size=chars.vocab_size), chars, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
+    imported, imported_chars = import_gpt2(tmp_path)
+    assert imported_chars.decode(imported_chars.encode("cab")) == "cab"
+
+
+def test_safetensors_layout_header_padded_to_8_bytes_tensors_in_order_little_endian(tmp_path):
+    path = tmp_path / "x.safetensors"
+    big_endian = np.arange(3, dtype=">f4")
+    write_safetensors(path, {"b": np.ones((2, 2)), "a": big_endian}, {"k": "v"})
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    assert length % 8 == 0
+    header = json.loads(data[8 : 8 + length])
+    assert data[8 : 8 + length].rstrip(b" ") == json.dumps(header, separators=(",", ":")).encode()
+    assert list(header) == ["__metadata__", "b", "a"] and header["__metadata__"] == {"k": "v"}
+    assert header["b"] == {"dtype": "F64", "shape": [2, 2], "data_offsets": [0, 32]}
+    assert header["a"] == {"dtype": "F32", "shape": [3], "data_offsets": [32, 44]}
+    assert data[8 + length + 32 :] == np.arange(3, dtype="<f4").tobytes() and len(data) == 8 + length + 44
+    tensors, metadata = read_safetensors(path)
+    assert metadata == {"k": "v"} and list(tensors) == ["b", "a"]
+    assert tensors["a"].dtype == np.dtype("<f4") and tensors["a"].tolist() == [0.0, 1.0, 2.0]
+    assert not tensors["a"].flags.writeable  # views of the file's bytes
+    with pytest.raises(ScratchLMError, match=r"^.*x.safetensors: tensor 'i' is int64$"):
+        write_safetensors(path, {"i": np.arange(3)}, {})
+    write_safetensors(path, {}, {})
+    assert read_safetensors(path) == ({}, {})
+
+
+def test_safetensors_errors_say_exactly_what_is_wrong(tmp_path):
+    path = tmp_path / "bad.safetensors"
+
+    def refused(content: bytes) -> str:
+        path.write_bytes(content)
+        with pytest.raises(ScratchLMError) as caught:
+            read_safetensors(path)
+        return str(caught.value).replace(str(path), "FILE")
+
+    def entry_file(entry: dict, data: bytes, metadata=None) -> bytes:
+        header = {"t": entry} if metadata is None else {"__metadata__": metadata, "t": entry}
+        text = json.dumps(header).encode()
+        return len(text).to_bytes(8, "little") + text + data
+
+    assert refused(b"1234567") == "FILE is truncated: 7 bytes, no header"
+    assert refused((100_000_001).to_bytes(8, "little")) == "FILE: a 100000001-byte header? not safetensors"
+    assert "not safetensors" not in refused((100_000_000).to_bytes(8, "little"))
+    assert refused((10).to_bytes(8, "little") + b"{}") == "FILE is truncated: its header promises 10 bytes, 2 follow"
+    assert refused((2).to_bytes(8, "little") + b"[]") == "FILE: the header is not a JSON object"
+    assert refused((2).to_bytes(8, "little") + b"\xff}").startswith("FILE: the header is not JSON (")
+    f32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    assert refused(entry_file(f32, b"\0" * 8, {"a": 1})) == "FILE: __metadata__ must map strings to strings"
+    assert refused(entry_file(f32, b"\0" * 8, ["a"])) == "FILE: __metadata__ must map strings to strings"
+    assert refused(entry_file(f32, b"\0" * 4)) == ("FILE: tensor 't' ends at byte 8 of the data, which has only 4: "
+                                                   "the file is truncated")
+    assert refused(entry_file({**f32, "shape": [3]}, b"\0" * 8)) == "FILE: tensor 't' of shape [3] needs 12 bytes, has 8"
+    assert refused(entry_file({**f32, "data_offsets": [4, 12]}, b"\0" * 12)) == (
+        "FILE: tensor 't' starts at byte 4 of the data, not 0 (a gap or an overlap)")
+    assert refused(entry_file(f32, b"\0" * 11)) == "FILE: 3 stray bytes after tensor 't'"
+    assert refused(entry_file({**f32, "extra": 1}, b"\0" * 8)) == (
+        "FILE: tensor 't' needs exactly dtype, shape and data_offsets")
+    assert refused(entry_file({**f32, "dtype": "I8"}, b"\0" * 8)) == (
+        "FILE: tensor 't' has dtype 'I8'; only F32 and F64 are read")
+    for shape in ([2.0], [True], "2", [-1]):
+        assert refused(entry_file({**f32, "shape": shape}, b"\0" * 8)) == (
+            f"FILE: tensor 't' has a malformed shape {shape!r}")
+    for offsets in ([0], [0, 8, 8], [8, 0], [0, -8], [0, 8.0], [False, 8], {"0": 8}):
+        offsets_json = json.loads(json.dumps(offsets))
+        assert refused(entry_file({**f32, "data_offsets": offsets}, b"\0" * 8)) == (
+            f"FILE: tensor 't' has malformed data_offsets {offsets_json!r}")
+    empty = {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]}
+    path.write_bytes(entry_file(empty, b""))
+    tensors, metadata = read_safetensors(path)
+    assert tensors["t"].shape == (0, 3) and metadata == {}
+    assert refused((2).to_bytes(8, "little") + b"{}" + b"\0\0") == "FILE: 2 stray bytes after the header"
+
+
+def test_two_tensors_may_not_share_bytes_and_must_tile_the_data_in_order(tmp_path):
+    path = tmp_path / "x.safetensors"
+    header = {"second": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+              "first": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + np.array([1, 2], dtype="<f4").tobytes())
+    tensors, _ = read_safetensors(path)
+    assert tensors["first"].tolist() == [1.0] and tensors["second"].tolist() == [2.0]
+    header["second"]["data_offsets"] = [0, 4]
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + np.array([1, 2], dtype="<f4").tobytes())
+    with pytest.raises(ScratchLMError, match="starts at byte 0 of the data, not 4"):
+        read_safetensors(path)
+
+
+def test_gpt2_names_cover_every_parameter_of_our_gpt(tokenizer):
+    names = gpt2_names(2)
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    assert set(names) == set(model.params)
+    assert names["wte.weight"] == "transformer.wte.weight" and names["ln_f.bias"] == "transformer.ln_f.bias"
+    assert names["h.1.mlp.proj.weight"] == "transformer.h.1.mlp.c_proj.weight"
+    assert names["h.0.attn.qkv.bias"] == "transformer.h.0.attn.c_attn.bias"
+    assert len(set(names.values())) == len(names) == 4 + 2 * 12
+
+
+def test_a_model_without_biases_exports_zero_biases_gpt2_can_load(tmp_path, tokenizer):
+    model = tiny_model(vocab_size=tokenizer.vocab_size, bias=False, dtype="float64")
+    export_gpt2(model, tokenizer, tmp_path)
+    tensors, _ = read_safetensors(tmp_path / "model.safetensors")
+    assert tensors["transformer.h.0.mlp.c_fc.bias"].shape == (64,)
+    assert tensors["transformer.h.1.attn.c_attn.bias"].dtype == np.float64
+    assert not tensors["transformer.h.0.attn.c_proj.bias"].any()
+
+
+def test_import_errors_name_the_file_and_the_problem(tmp_path, tokenizer):
+    with pytest.raises(ScratchLMError, match=f"^cannot read {re.escape(str(tmp_path / 'config.json'))}: "):
+        import_gpt2(tmp_path)
+    export_gpt2(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, tmp_path)
+    config_path, weights = tmp_path / "config.json", tmp_path / "model.safetensors"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_bytes(b"\xff{}")
+    with pytest.raises(ScratchLMError, match=f"^{re.escape(str(config_path))} is not JSON: "):
+        import_gpt2(tmp_path)
+    for change, message in [
+        ({"model_type": None}, "model_type must be 'gpt2', got None"),
+        ({"model_type": "llama"}, "model_type must be 'gpt2', got 'llama'"),
+        ({"activation_function": "relu"}, "activation_function is 'relu'; our GPT computes only 'gelu_new'"),
+        ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon is 1e-06; our GPT computes only 1e-05"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx is True"),
+        ({"n_inner": 63}, "n_inner 63 is not 4 n_embd"),
+        ({"n_embd": None}, "n_embd must be a positive integer, got None"),
+        ({"n_embd": None, "n_inner": 64}, "n_embd must be a positive integer, got None"),
+    ]:
+        config_path.write_text(json.dumps({**config, **change}), encoding="utf-8")
+        with pytest.raises(ScratchLMError) as caught:
+            import_gpt2(tmp_path)
+        assert str(caught.value).startswith(f"{config_path}: ") and message in str(caught.value)
+    for accepted in ({"activation_function": "gelu_pytorch_tanh"}, {"n_inner": 64}, {"add_cross_attention": False}):
+        config_path.write_text(json.dumps({**config, **accepted}), encoding="utf-8")
+        import_gpt2(tmp_path)
+    without = {k: v for k, v in config.items() if k not in ("n_inner", "activation_function", "layer_norm_epsilon")}
+    config_path.write_text(json.dumps(without), encoding="utf-8")
+    import_gpt2(tmp_path)  # absent settings mean GPT-2's defaults, which we compute
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "n_head"}), encoding="utf-8")
+    with pytest.raises(ScratchLMError, match="^.*config.json: n_head is missing$"):
+        import_gpt2(tmp_path)
+    config_path.write_text(json.dumps([config]), encoding="utf-8")
+    with pytest.raises(ScratchLMError, match="model_type must be 'gpt2', got "):
+        import_gpt2(tmp_path)
+    config_path.write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 1}), encoding="utf-8")
+    with pytest.raises(ScratchLMError, match="wte.weight"):
+        import_gpt2(tmp_path)
+
+
+def test_import_refuses_a_tokenizer_that_disagrees_with_the_model(tmp_path, tokenizer):
+    chars = CharTokenizer("abcdef")
+    export_gpt2(tiny_model(vocab_size=tokenizer.vocab_size), chars, tmp_path)
+    with pytest.raises(ScratchLMError) as caught:
+        import_gpt2(tmp_path)
+    assert str(caught.value) == (f"{tmp_path / 'model.safetensors'}: its tokenizer has {chars.vocab_size} tokens, "
+                                 f"config.json says {tokenizer.vocab_size}")
+    tensors, metadata = read_safetensors(tmp_path / "model.safetensors")
+    write_safetensors(tmp_path / "model.safetensors", tensors, {**metadata, "scratchlm.tokenizer": "{"})
+    with pytest.raises(ScratchLMError, match="no usable scratchlm.tokenizer in its metadata"):
+        import_gpt2(tmp_path)
+
+
+def test_export_and_import_commands_print_what_they_wrote(capsys, tmp_path, model_file):
+    out_dir = tmp_path / "hf"
+    code, out, _ = run_cli(capsys, "export", "--model", model_file, "--out", out_dir)
+    sizes = {name: (out_dir / name).stat().st_size for name in ("model.safetensors", "config.json")}
+    assert code == 0 and out == "".join(f"{out_dir / name}  {size:,} bytes\n" for name, size in sizes.items())
+    code, out, _ = run_cli(capsys, "export", "--model", model_file, "--out", out_dir, "--json")
+    assert json.loads(out) == {"out": str(out_dir), "files": sizes}
+    back = tmp_path / "back.npz"
+    code, out, _ = run_cli(capsys, "import", "--model-dir", out_dir, "--out", back, "--json")
+    summary = json.loads(out)
+    model, _, meta = load_model(back)
+    assert code == 0 and summary["out"] == str(back) and summary["n_params"] == model.n_params
+    assert len(summary["sha256"]) == 64 and meta["imported_from"] == str(out_dir)
+    code, out, _ = run_cli(capsys, "import", "--model-dir", out_dir, "--out", back)
+    assert code == 0 and out == f"{back}: {model.n_params:,} parameters from {out_dir}\n"
+
+
+@pytest.mark.parametrize("argv", [["export", "--out", "d"], ["export", "--model", "m.npz"],
+                                  ["import", "--out", "m.npz"], ["import", "--model-dir", "d"]])
+def test_export_and_import_need_both_their_paths(capsys, argv):
+    from scratchlm.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(argv)
+    assert caught.value.code == 2 and "required" in capsys.readouterr().err
+
+
+def test_every_header_is_padded_with_spaces_to_a_multiple_of_8_bytes(tmp_path):
+    path = tmp_path / "x.safetensors"
+    for i in range(16):
+        write_safetensors(path, {"t": np.ones(2, dtype=np.float32)}, {"k": "v" * i})
+        data = path.read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        assert length % 8 == 0 and len(data) == 8 + length + 8
+        assert json.loads(data[8 : 8 + length])["__metadata__"] == {"k": "v" * i}
+        assert data[8 : 8 + length].endswith(b"}" + b" " * (length - len(data[8 : 8 + length].rstrip())))
+
+
+def test_a_zero_size_tensor_may_come_first_in_the_header(tmp_path):
+    header = {"empty": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+              "t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    tensors, _ = read_safetensors(raw_file(tmp_path / "x.safetensors", header, np.ones(2, "<f4").tobytes()))
+    assert tensors["empty"].shape == (0,) and tensors["t"].tolist() == [1.0, 1.0]
+
+
+def test_a_wrongly_sized_tensor_after_another_reports_its_own_size(tmp_path):
+    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "b": {"dtype": "F32", "shape": [3], "data_offsets": [4, 12]}}
+    with pytest.raises(ScratchLMError, match=r"tensor 'b' of shape \[3\] needs 12 bytes, has 8$"):
+        read_safetensors(raw_file(tmp_path / "x.safetensors", header, b"\0" * 12))
+
+
+def test_the_first_key_found_twice_is_named(tmp_path):
+    text = b'{"a":{},"b":{},"a":{},"b":{}}'
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+    with pytest.raises(ScratchLMError, match="'a' appears twice in the header"):
+        read_safetensors(path)
+
+
+def test_import_without_the_token_embedding_names_it(tmp_path, tokenizer):
+    export_gpt2(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors, metadata = read_safetensors(weights)
+    write_safetensors(weights, {k: v for k, v in tensors.items() if k != "transformer.wte.weight"}, metadata)
+    with pytest.raises(ScratchLMError, match=r"'transformer.wte.weight' should be float32\[300, 16\], got missing"):
+        import_gpt2(tmp_path)
+
+
+def test_every_option_of_the_export_commands_says_what_it_does_in_help():
+    import argparse
+
+    from scratchlm.cli import build_parser
+
+    def check(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                assert all(helps.get(sub_name) for sub_name in action.choices), name
+                for sub_name, command in action.choices.items():
+                    check(command, f"{name} {sub_name}")
+            elif not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{name} {action.option_strings}"
+
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("export", "import"):
+        assert next(choice.help for choice in top._choices_actions if choice.dest == name), name
+        check(top.choices[name], name)
