@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -864,3 +865,479 @@ def test_every_option_of_the_export_commands_says_what_it_does_in_help():
     for name in ("export", "import"):
         assert next(choice.help for choice in top._choices_actions if choice.dest == name), name
         check(top.choices[name], name)
+
+
+# ---- what the mutation run of generate asked for ---------------------------------------
+
+
+def test_the_documented_default_sampling_and_accepted_edge_settings():
+    assert SamplingConfig() == SamplingConfig(1.0, None, None)
+    for good in (dict(temperature=0), dict(temperature=3), dict(top_k=1), dict(top_p=1),
+                 dict(top_p=1e-9), dict(temperature=0.5, top_k=2, top_p=0.9)):
+        SamplingConfig(**good)  # accepted: no error
+    for bad, name in ((dict(temperature="1"), "temperature"), (dict(top_k=-3), "top_k"),
+                      (dict(top_p=-0.5), "top_p"), (dict(top_p=True), "top_p"),
+                      (dict(top_p="0.5"), "top_p"), (dict(temperature=None), "temperature")):
+        with pytest.raises(ScratchLMError, match=name):
+            SamplingConfig(**bad)
+
+
+def test_probabilities_are_float64_and_need_one_row():
+    probs = next_token_probs(LOGITS.astype(np.float16), SamplingConfig(temperature=0.7))
+    assert probs.dtype == np.float64 and probs.shape == (8,)
+    assert probs.sum() == pytest.approx(1.0, abs=1e-12)
+    for config in (SamplingConfig(), SamplingConfig(temperature=0), SamplingConfig(top_k=2)):
+        with pytest.raises(ScratchLMError, match="one row"):
+            next_token_probs(LOGITS[None, :], config)
+    greedy = next_token_probs(np.array([0.0, 5.0, 1.0], dtype=np.float32), SamplingConfig(temperature=0))
+    assert greedy.dtype == np.float64 and greedy.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_top_k_keeps_exactly_the_k_likeliest():
+    logits = np.array([0.3, 2.0, -1.0, 1.5, 0.9])
+    for k, kept in ((1, {1}), (2, {1, 3}), (3, {1, 3, 4}), (4, {0, 1, 3, 4})):
+        probs = next_token_probs(logits, SamplingConfig(top_k=k))
+        assert set(np.flatnonzero(probs).tolist()) == kept
+        expected = np.exp(logits[sorted(kept)]) / np.exp(logits[sorted(kept)]).sum()
+        np.testing.assert_allclose(probs[sorted(kept)], expected)
+
+
+def test_sample_token_draws_from_probs_with_the_generator_given():
+    probs = np.array([0.0, 0.0, 1.0, 0.0])
+    assert all(sample_token(probs, np.random.default_rng(s)) == 2 for s in range(5))
+    token = sample_token(np.full(5, 0.2), np.random.default_rng(1))
+    assert type(token) is int
+    assert token == sample_token(np.full(5, 0.2), np.random.default_rng(1))
+
+
+def test_cache_shapes_and_batches():
+    config = GPTConfig(300, 16, 3, 2, 16, dtype="float64")
+    cache = KVCache(config)
+    assert cache.keys.shape == cache.values.shape == (3, 1, 2, 16, 8)
+    assert cache.keys.dtype == np.float64 and cache.length == 0
+    assert KVCache(config, batch=4).keys.shape == (3, 4, 2, 16, 8)
+    assert KVCache(GPTConfig(300, 16, 1, 4, 16)).bytes_per_token() == 2 * 1 * 16 * 4
+    model = tiny_model()
+    with pytest.raises(ScratchLMError, match="a batch of 2 sequences for a cache of 1"):
+        forward_cached(model, np.zeros((2, 3), dtype=np.int64), KVCache(model.config))
+    cache = KVCache(model.config)
+    forward_cached(model, np.zeros((1, 5), dtype=np.int64), cache)
+    assert cache.length == 5
+    with pytest.raises(ScratchLMError, match="the cache holds 5 tokens: 12 more do not fit"):
+        forward_cached(model, np.zeros((1, 12), dtype=np.int64), cache)
+    forward_cached(model, np.zeros((1, 11), dtype=np.int64), cache)  # exactly fills the block
+    assert cache.length == 16
+
+
+def count_forwards(model):
+    """The model, with a list that grows by one entry each time it computes logits."""
+    calls, head = [], model.head
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return head(*args, **kwargs)
+
+    model.head = counted
+    return calls
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_nothing_is_computed_beyond_the_tokens_asked_for(use_cache):
+    model = tiny_model()
+    calls = count_forwards(model)
+    tokens = list(generate(model, [1, 2], rng=np.random.default_rng(0), max_new_tokens=4,
+                           use_cache=use_cache))
+    assert len(tokens) == 4 and len(calls) == 4  # one set of logits per token yielded
+    calls.clear()
+    stream = generate(model, [1, 2], rng=np.random.default_rng(0), max_new_tokens=4,
+                      use_cache=use_cache)
+    next(stream)
+    assert len(calls) == 1
+
+
+def replay(model, prompt, contexts, n, seed):
+    """Sampling done by hand: token i is drawn from the model's logits on ``contexts(ids, i)``."""
+    rng, ids, tokens = np.random.default_rng(seed), list(prompt), []
+    for i in range(n):
+        logits = model.forward(np.asarray([contexts(ids, i)]))[0, -1]
+        tokens.append(sample_token(next_token_probs(logits, SamplingConfig()), rng))
+        ids.append(tokens[-1])
+    return tokens
+
+
+def test_with_the_cache_a_full_block_keeps_its_last_half():
+    """The documented cropping: once the block is full, the model sees the last block // 2."""
+    model = tiny_model(dtype="float64")
+    tokens = list(generate(model, [7], rng=np.random.default_rng(0), max_new_tokens=40))
+    # the first 15 new tokens see the whole context; then the context is rebuilt from
+    # the last 8 tokens and grows again until the block is full once more (every 9 tokens)
+    seen = [1 + i if i < 16 else 8 + (i - 16) % 9 for i in range(40)]
+    assert tokens == replay(model, [7], lambda ids, i: ids[-seen[i]:], 40, seed=0)
+
+
+def test_a_one_token_block_still_generates_with_the_cache():
+    config = GPTConfig(300, 1, 1, 2, 16)
+    model = GPT(config, rng=np.random.default_rng(0))
+    greedy = SamplingConfig(temperature=0)
+    runs = [list(generate(model, [5, 6], rng=np.random.default_rng(0), sampling=greedy,
+                          max_new_tokens=5, use_cache=use_cache)) for use_cache in (True, False)]
+    assert runs[0] == runs[1] and len(runs[0]) == 5
+
+
+def test_stop_tokens_may_be_any_iterable_and_only_they_stop():
+    model = tiny_model()
+    greedy = SamplingConfig(temperature=0)
+    free = list(generate(model, [1], rng=np.random.default_rng(0), sampling=greedy,
+                         max_new_tokens=12))
+    never = next(t for t in range(300) if t not in free)
+    assert list(generate(model, [1], rng=np.random.default_rng(0), sampling=greedy,
+                         max_new_tokens=12, stop_tokens=iter([never]))) == free
+    stopped = list(generate(model, [1], rng=np.random.default_rng(0), sampling=greedy,
+                            max_new_tokens=12, stop_tokens=(free[2], never)))
+    assert stopped == free[: free.index(free[2]) + 1]
+    for bad in (2.0, True, "3"):
+        with pytest.raises(ScratchLMError, match="max_new_tokens"):
+            next(generate(model, [1], rng=np.random.default_rng(0), max_new_tokens=bad))
+    assert len(list(generate(model, [1], rng=np.random.default_rng(0), max_new_tokens=1))) == 1
+
+
+def test_benchmark_reports_both_runs_token_by_token():
+    from scratchlm.generate import benchmark
+
+    model = tiny_model()
+    start = time.perf_counter()
+    result = benchmark(model, new_tokens=5, prompt_ids=[3, 4])
+    elapsed = time.perf_counter() - start
+    assert result["new_tokens"] == 5 and result["same_tokens"] is True
+    for name in ("cached", "uncached"):
+        seconds = result[f"{name}_seconds"]
+        assert len(seconds) == 5 and all(b >= a > 0 for a, b in zip(seconds, seconds[1:]))
+        assert seconds[-1] < elapsed  # each token's arrival, counted from the start
+        assert result[f"{name}_tokens_per_second"] == pytest.approx(5 / seconds[-1])
+    assert result["speedup"] == pytest.approx(
+        result["cached_tokens_per_second"] / result["uncached_tokens_per_second"])
+    assert benchmark(model, new_tokens=20)["same_tokens"] is False  # past the block they differ
+
+
+def test_incomplete_tail_for_every_length_of_character():
+    for char in ("a", "é", "\u07ff", "\u0800", "€", "\uffff", "😀", "\U0010ffff"):
+        data = char.encode()
+        for cut in range(1, len(data)):
+            assert incomplete_tail(b"x" + data[:cut]) == cut, (char, cut)
+            assert incomplete_tail(data[:cut]) == cut, (char, cut)
+        assert incomplete_tail(b"x" + data) == 0 and incomplete_tail(data) == 0
+    assert incomplete_tail("😀".encode() + "€".encode()[:2]) == 2
+    assert incomplete_tail(b"\x80\x80\x80\xf0") == 1
+    assert incomplete_tail(b"\xf0\x80\x80\x80") == 0  # a whole four-byte character's shape
+    assert incomplete_tail(b"\x80" * 4) == 0
+
+
+def test_text_stream_with_a_character_tokenizer_and_after_a_flush():
+    chars = CharTokenizer.from_text("héllo €")
+    stream = TextStream(chars)
+    assert "".join(stream.push(t) for t in chars.encode("€ hé")) == "€ hé"
+    assert stream.flush() == ""
+    tok = byte_tokenizer()
+    stream = TextStream(tok)
+    assert stream.push("€".encode()[0]) == "" and stream.flush() == "\ufffd"
+    assert stream.flush() == ""  # nothing is left over after a flush
+    assert stream.push(ord("a")) == "a"
+
+
+def test_encode_prompt_refuses_empty_text_and_special_tokens_unless_allowed(tokenizer):
+    from scratchlm.generate import encode_prompt
+
+    with pytest.raises(ScratchLMError, match="empty"):
+        encode_prompt(tokenizer, "")
+    chars = CharTokenizer.from_text("abc")
+    assert encode_prompt(chars, "cab") == chars.encode("cab").tolist()
+    assert isinstance(encode_prompt(chars, "cab"), list)
+    assert encode_prompt(tokenizer, "x <|endoftext|>", allow_special=True)[-1] == 256
+    with pytest.raises(ScratchLMError, match="special"):
+        encode_prompt(tokenizer, "x <|endoftext|>")
+
+
+def test_evaluate_counts_tokens_and_utf8_bytes(tokenizer):
+    from scratchlm.generate import evaluate
+
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    text = TEXT[:120]
+    result = evaluate(model, tokenizer, text)
+    ids = tokenizer.encode(text)
+    assert result["tokens"] == len(ids) and result["bytes"] == len(text.encode("utf-8"))
+    assert result["bytes"] > len(text)  # the text is not ASCII
+    assert result["loss"] == pytest.approx(sequence_nll(model, np.asarray(ids)) / (len(ids) - 1))
+    assert set(result) == {"tokens", "bytes", "loss", "bits_per_byte"}
+
+
+def saying_always(tokenizer, token, path):
+    """A model file whose next token is ``token``, whatever the prompt."""
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    model.params["ln_f.weight"][...] = 0.0
+    model.params["ln_f.bias"][...] = 1.0
+    model.params["wte.weight"][token] += 5.0
+    save_model(path, model, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stopping_model_file(tmp_path_factory, tokenizer):
+    """A model that always says <|endoftext|> (id 256) next, whatever the prompt."""
+    return saying_always(tokenizer, 256, tmp_path_factory.mktemp("stopping") / "stop.npz")
+
+
+def test_generate_cli_stops_at_a_special_token_without_printing_it(capsys, stopping_model_file):
+    args = ("generate", "--model", stopping_model_file, "--prompt", "The", "--max-new-tokens", 5)
+    code, out, err = run_cli(capsys, *args, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["finish_reason"] == "stop" and result["tokens"] == []
+    assert result["text"] == "" and result["prompt"] == "The" and result["seconds"] >= 0
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and out == "The\n" and err == ""
+
+
+def test_generate_cli_json_and_text_agree(capsys, model_file, tokenizer):
+    args = ("generate", "--model", model_file, "--prompt", "naïve", "--max-new-tokens", 6,
+            "--seed", 1, "--temperature", 0.9, "--top-k", 40, "--top-p", 0.95)
+    code, out, err = run_cli(capsys, *args, "--json")
+    result = json.loads(out)
+    assert code == 0 and err == "" and out.count("\n") == 1
+    assert result["finish_reason"] in ("length", "stop") and "naïve" in out  # not escaped
+    expected = list(generate(load_model(model_file)[0], tokenizer.encode("naïve"),
+                             rng=np.random.default_rng(1),
+                             sampling=SamplingConfig(0.9, 40, 0.95), max_new_tokens=6))
+    stops = set(tokenizer.special_tokens.values())
+    if result["finish_reason"] == "length":
+        assert result["tokens"] == expected
+    else:
+        assert result["tokens"] == expected[:-1] and expected[-1] in stops
+    assert result["text"] == tokenizer.decode(result["tokens"])
+    code, out, _ = run_cli(capsys, *args)
+    assert out == "naïve" + result["text"] + "\n"
+    code, out, _ = run_cli(capsys, "generate", "--model", model_file, "--prompt", "a",
+                           "--max-new-tokens", 0, "--json")
+    assert code == 0 and json.loads(out)["tokens"] == []
+    code, _, err = run_cli(capsys, "generate", "--prompt", "a")
+    assert code == 2 and "--model" in err
+
+
+def test_generate_cli_defaults(capsys, model_file, tokenizer):
+    code, out, _ = run_cli(capsys, "generate", "--model", model_file, "--prompt", "The", "--json")
+    result = json.loads(out)
+    expected = list(generate(load_model(model_file)[0], tokenizer.encode("The"),
+                             rng=np.random.default_rng(0), max_new_tokens=200))
+    stops = set(tokenizer.special_tokens.values())
+    cut = next((i for i, t in enumerate(expected) if t in stops), len(expected))
+    assert result["tokens"] == expected[:cut]
+
+
+def test_generate_bench_cli_text_and_refusals(capsys, model_file):
+    code, out, _ = run_cli(capsys, "generate", "bench", "--model", model_file, "--new-tokens", 3)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("3 new tokens, greedy, ")
+    assert f"{load_model(model_file)[0].n_params:,} parameters" in lines[0]
+    assert "without the cache" in lines[1] and "with the cache" in lines[2]
+    assert "speed-up" in lines[3] and "same tokens: True" in lines[3]
+    code, _, err = run_cli(capsys, "generate", "bench", "--new-tokens", 0)
+    assert code == 2 and "--new-tokens" in err and err.count("\n") == 1
+    code, out, _ = run_cli(capsys, "generate", "bench", "--new-tokens", 1, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["new_tokens"] == 1 and not any("seconds" in k for k in result)
+
+
+def test_evaluate_cli_text_output(capsys, tmp_path, model_file):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT[:200], encoding="utf-8")
+    code, out, _ = run_cli(capsys, "evaluate", "--model", model_file, "--text-file", text_file)
+    model, tok, _ = load_model(model_file)
+    result = json.loads(run_cli(capsys, "evaluate", "--model", model_file, "--text-file",
+                                text_file, "--json")[1])
+    assert code == 0 and out == (
+        f"{result['tokens']:,} tokens, {result['bytes']:,} bytes: loss "
+        f"{result['loss']:.4f} nats/token, {result['bits_per_byte']:.4f} bits/byte\n")
+
+
+def test_generate_and_evaluate_options_parse_to_their_documented_defaults():
+    from scratchlm.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["generate"])
+    assert (args.model, args.prompt, args.temperature, args.top_k, args.top_p, args.seed,
+            args.max_new_tokens, args.allow_special, args.no_cache, args.json) == (
+        None, None, 1.0, None, None, 0, 200, False, False, False)
+    args = parser.parse_args(["generate", "--model", "m", "--prompt", "p", "--temperature", "0.5",
+                              "--top-k", "3", "--top-p", "0.9", "--seed", "4",
+                              "--max-new-tokens", "7", "--allow-special", "--no-cache", "--json"])
+    assert (args.model, args.prompt, args.temperature, args.top_k, args.top_p, args.seed,
+            args.max_new_tokens, args.allow_special, args.no_cache, args.json) == (
+        "m", "p", 0.5, 3, 0.9, 4, 7, True, True, True)
+    args = parser.parse_args(["generate", "bench"])
+    assert (args.model, args.new_tokens, args.json) == (None, 256, False)
+    args = parser.parse_args(["generate", "bench", "--model", "m", "--new-tokens", "9", "--json"])
+    assert (args.model, args.new_tokens, args.json) == ("m", 9, True)
+    args = parser.parse_args(["evaluate", "--model", "m", "--text-file", "t"])
+    assert (args.model, args.text_file, args.json) == ("m", "t", False)
+    assert parser.parse_args(["evaluate", "--model", "m", "--text-file", "t", "--json"]).json
+    for argv in (["evaluate", "--model", "m"], ["evaluate", "--text-file", "t"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+
+
+def test_every_option_of_generate_and_evaluate_says_what_it_does_in_help():
+    import argparse
+
+    from scratchlm.cli import build_parser
+
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in top._choices_actions}
+    assert "chapter 7" in helps["generate"] and "chapter 7" in helps["evaluate"]
+    generate_parser = top.choices["generate"]
+    assert "Ctrl-C" in generate_parser.description
+    bench_action = next(a for a in generate_parser._actions
+                        if isinstance(a, argparse._SubParsersAction))
+    assert next(c.help for c in bench_action._choices_actions if c.dest == "bench")
+    for parser in (generate_parser, bench_action.choices["bench"], top.choices["evaluate"]):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if action.dest not in ("seed", "max_new_tokens", "new_tokens"):
+                assert action.help, action.option_strings
+
+
+def test_generate_defaults_to_256_tokens_and_needs_a_prompt_token():
+    model = tiny_model()
+    assert len(list(generate(model, [1], rng=np.random.default_rng(0)))) == 256
+    with pytest.raises(ScratchLMError, match="need at least 1 token"):
+        next(generate(model, [], rng=np.random.default_rng(0)))
+
+
+def test_without_the_cache_the_model_always_sees_the_last_block():
+    model = tiny_model(dtype="float64")
+    tokens = list(generate(model, [7, 3], rng=np.random.default_rng(1), max_new_tokens=30,
+                           use_cache=False))
+    assert tokens == replay(model, [7, 3], lambda ids, i: ids[-16:], 30, seed=1)
+
+
+def test_top_p_ties_are_ranked_by_position_in_a_large_vocabulary():
+    probs = next_token_probs(np.zeros(1000), SamplingConfig(top_p=0.25))
+    assert np.flatnonzero(probs).tolist() == list(range(250))
+
+
+def test_benchmark_defaults_to_256_tokens():
+    from scratchlm.generate import benchmark
+
+    result = benchmark(tiny_model())
+    assert result["new_tokens"] == 256 and len(result["cached_seconds"]) == 256
+
+
+def test_top_k_keeps_the_k_largest_of_a_large_vocabulary():
+    logits = np.random.default_rng(0).normal(size=1000)
+    probs = next_token_probs(logits, SamplingConfig(top_k=10))
+    assert set(np.flatnonzero(probs).tolist()) == set(np.argsort(logits)[-10:].tolist())
+
+
+class InterruptedTerminal:
+    """A stdout that records what is written and flushed, and can deliver one Ctrl-C."""
+
+    def __init__(self, interrupt_at=None):
+        self.written, self.shown, self.interrupt_at = [], "", interrupt_at
+
+    def write(self, text):
+        if text and self.interrupt_at is not None and len(self.written) == self.interrupt_at:
+            self.interrupt_at = None
+            raise KeyboardInterrupt
+        self.written.append(text)
+        return len(text)
+
+    def flush(self):
+        self.shown = "".join(self.written)
+
+    def isatty(self):
+        return False
+
+
+def test_generate_cli_shows_each_piece_as_it_comes(capsys, monkeypatch, model_file):
+    terminal = InterruptedTerminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    shown_after_each_write = []
+    original_write = terminal.write
+
+    def write(text):
+        if text:
+            shown_after_each_write.append((terminal.shown, "".join(terminal.written)))
+        return original_write(text)
+
+    terminal.write = write
+    code = main(["generate", "--model", str(model_file), "--prompt", "The", "--max-new-tokens", "8"])
+    assert code == 0
+    # before anything new is written, everything written so far is on the screen
+    assert len(shown_after_each_write) >= 3
+    for shown, written in shown_after_each_write[:-1]:  # the last is print's own end="\n"
+        assert shown == written
+    assert terminal.shown == "".join(terminal.written)
+    assert terminal.shown.startswith("The") and terminal.shown.endswith("\n")
+
+
+@pytest.fixture(scope="module")
+def chars_model_file(tmp_path_factory):
+    chars = CharTokenizer.from_text(TEXT)  # no special tokens: only the length stops it
+    path = tmp_path_factory.mktemp("chars") / "chars.npz"
+    save_model(path, tiny_model(vocab_size=chars.vocab_size), chars)
+    return path
+
+
+def test_ctrl_c_stops_generation_in_process(capsys, monkeypatch, chars_model_file):
+    terminal = InterruptedTerminal(interrupt_at=4)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    code = main(["generate", "--model", str(chars_model_file), "--prompt", "The",
+                 "--max-new-tokens", "50"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert re.fullmatch(r"interrupted after \d+ tokens\n", err), err
+    n = int(err.split()[2])
+    assert 1 <= n < 50 and "".join(terminal.written).startswith("The")
+    assert "".join(terminal.written).endswith("\n")
+
+
+def test_generate_cli_uses_the_cache_unless_told_not_to(capsys, chars_model_file):
+    model, chars, _ = load_model(chars_model_file)
+    args = ("generate", "--model", chars_model_file, "--prompt", "The", "--max-new-tokens", 40,
+            "--json", "--seed", 2)
+    for extra, use_cache in (((), True), (("--no-cache",), False)):
+        result = json.loads(run_cli(capsys, *args, *extra)[1])
+        expected = list(generate(model, chars.encode("The"), rng=np.random.default_rng(2),
+                                 max_new_tokens=40, use_cache=use_cache))
+        assert result["tokens"] == expected and result["finish_reason"] == "length"
+        assert result["text"] == chars.decode(expected)
+    assert json.loads(run_cli(capsys, *args)[1]) != json.loads(run_cli(capsys, *args, "--no-cache")[1])
+
+
+def test_generate_cli_prints_a_character_cut_short_at_the_end(capsys, tokenizer, tmp_path):
+    euro_start = "€".encode()[0]  # a byte token that only ever begins a character
+    path = saying_always(tokenizer, euro_start, tmp_path / "euro.npz")
+    args = ("generate", "--model", path, "--prompt", "a", "--max-new-tokens", 3)
+    result = json.loads(run_cli(capsys, *args, "--json")[1])
+    assert result["tokens"] == [euro_start] * 3
+    assert run_cli(capsys, *args)[1] == "a" + result["text"] + "\n" == "a\ufffd\ufffd\ufffd\n"
+
+
+def test_generate_cli_reports_its_time_in_milliseconds(capsys, model_file):
+    start = time.perf_counter()
+    code, out, _ = run_cli(capsys, "generate", "--model", model_file, "--prompt", "The",
+                           "--max-new-tokens", 30, "--json", "--no-cache")
+    elapsed = time.perf_counter() - start
+    seconds = json.loads(out)["seconds"]
+    assert type(seconds) is float and 0 <= seconds <= elapsed
+    assert seconds == round(seconds, 3)
+
+
+def test_generate_cli_crops_only_a_prompt_longer_than_the_block(capsys, model_file, tokenizer):
+    lengths = {}
+    for end in range(1, len(TEXT)):
+        lengths.setdefault(len(tokenizer.encode(TEXT[:end])), TEXT[:end])
+    for n_tokens, cropped in ((16, False), (17, True)):
+        code, out, err = run_cli(capsys, "generate", "--model", model_file, "--prompt",
+                                 lengths[n_tokens], "--max-new-tokens", 1, "--json")
+        result = json.loads(out)
+        assert result["prompt_tokens"] == n_tokens and result["cropped"] is cropped
+        assert ("sees the last 16" in err) is cropped
