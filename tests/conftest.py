@@ -27,3 +27,29 @@ def require_data(*relative: str) -> Path:
             pytest.fail(message + " (CI must have ../shared/data)")
         pytest.skip(message)
     return data
+
+
+def assert_documented(*commands: str, description: bool = True) -> None:
+    """Every named ``python -m scratchlm`` command, each of its subcommands and each of
+    their options has help text (and, with ``description``, the command a description):
+    ``--help`` is how a reader finds out what a flag does."""
+    import argparse
+
+    from scratchlm.cli import build_parser
+
+    def check(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                assert all(helps.get(sub_name) for sub_name in action.choices), name
+                for sub_name, command in action.choices.items():
+                    check(command, f"{name} {sub_name}")
+            elif not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{name} {action.option_strings}"
+
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in commands:
+        assert next(choice.help for choice in top._choices_actions if choice.dest == name), name
+        if description:
+            assert top.choices[name].description, name
+        check(top.choices[name], name)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require_data
+from conftest import ROOT, assert_documented, require_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -611,25 +611,7 @@ def test_a_special_token_is_matched_whole_before_a_shorter_one_it_starts_with():
 
 
 def test_every_option_of_the_bpe_commands_says_what_it_does_in_help():
-    import argparse
-
-    from scratchlm.cli import build_parser
-
-    def check(parser, name):
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                helps = {choice.dest: choice.help for choice in action._choices_actions}
-                assert all(helps.get(sub_name) for sub_name in action.choices), name
-                for sub_name, command in action.choices.items():
-                    check(command, f"{name} {sub_name}")
-            elif not isinstance(action, argparse._HelpAction):
-                assert action.help, f"{name} {action.option_strings}"
-
-    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name in ("bpe",):
-        assert next(choice.help for choice in top._choices_actions if choice.dest == name), name
-        assert top.choices[name].description, name
-        check(top.choices[name], name)
+    assert_documented("bpe")
 
 
 def test_the_record_keeps_times_to_a_tenth_of_a_millisecond_and_speeds_to_their_stated_digits(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_documented
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -847,24 +848,7 @@ def test_import_without_the_token_embedding_names_it(tmp_path, tokenizer):
 
 
 def test_every_option_of_the_export_commands_says_what_it_does_in_help():
-    import argparse
-
-    from scratchlm.cli import build_parser
-
-    def check(parser, name):
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                helps = {choice.dest: choice.help for choice in action._choices_actions}
-                assert all(helps.get(sub_name) for sub_name in action.choices), name
-                for sub_name, command in action.choices.items():
-                    check(command, f"{name} {sub_name}")
-            elif not isinstance(action, argparse._HelpAction):
-                assert action.help, f"{name} {action.option_strings}"
-
-    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name in ("export", "import"):
-        assert next(choice.help for choice in top._choices_actions if choice.dest == name), name
-        check(top.choices[name], name)
+    assert_documented("export", "import", description=False)
 
 
 # ---- what the mutation run of generate asked for ---------------------------------------

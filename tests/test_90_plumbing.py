@@ -365,3 +365,13 @@ def test_downloads_go_to_the_recorded_url_with_a_timeout_and_failures_are_one_li
 
     with pytest.raises(ScratchLMError, match=f"could not download {relative} from .*unreachable.*; set SCRATCHLM_DATA"):
         data._download(relative, tmp_path / "y.txt", fetch=offline)
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+
+    from conftest import assert_documented
+    from scratchlm.cli import build_parser
+
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert_documented(*top.choices, description=False)
