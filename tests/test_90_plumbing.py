@@ -46,6 +46,27 @@ def test_arrays_round_trip_with_header(tmp_path):
         assert loaded[name].dtype == arrays[name].dtype
 
 
+def test_a_compressed_file_holds_the_same_arrays_in_fewer_bytes_and_is_still_checked(tmp_path):
+    import zipfile
+
+    arrays = {"zeros": np.zeros((100, 100), dtype=np.float32), "b": np.arange(7, dtype=np.int64)}
+    save_arrays(tmp_path / "plain.npz", "thing", arrays, {"vocab": ["x"]})
+    save_arrays(tmp_path / "packed.npz", "thing", arrays, {"vocab": ["x"]}, compress=True)
+    with zipfile.ZipFile(tmp_path / "packed.npz") as archive:
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    with zipfile.ZipFile(tmp_path / "plain.npz") as archive:
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
+    assert (tmp_path / "packed.npz").stat().st_size < (tmp_path / "plain.npz").stat().st_size / 10
+    loaded, header = load_arrays(tmp_path / "packed.npz", "thing")
+    assert header == load_arrays(tmp_path / "plain.npz", "thing")[1]
+    for name in arrays:
+        assert loaded[name].dtype == arrays[name].dtype and np.array_equal(loaded[name], arrays[name])
+    raw = (tmp_path / "packed.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ScratchLMError, match="corrupted or truncated"):
+        load_arrays(tmp_path / "truncated.npz", "thing")
+
+
 def test_corrupted_truncated_foreign_and_pickled_files_are_refused(tmp_path):
     save_arrays(tmp_path / "ok.npz", "thing", {"a": np.ones(1000)})
     raw = (tmp_path / "ok.npz").read_bytes()
