@@ -3,6 +3,7 @@
 import json
 import math
 import subprocess
+import time
 import warnings
 import sys
 from pathlib import Path
@@ -187,7 +188,9 @@ def test_save_and_load_round_trip(tmp_path):
     save_model(tmp_path / "m.npz", model, vocab, config)
     loaded, loaded_vocab, loaded_config = load_model(tmp_path / "m.npz")
     assert np.array_equal(loaded.input_vectors, model.input_vectors)
+    assert np.array_equal(loaded.output_vectors, model.output_vectors)
     assert loaded_vocab.words == vocab.words and loaded_config == config
+    assert np.array_equal(loaded_vocab.counts, vocab.counts)
     save_arrays(tmp_path / "other.npz", "transformer", {"w": np.zeros(2)})
     with pytest.raises(ScratchLMError, match="transformer"):
         load_model(tmp_path / "other.npz")
@@ -301,60 +304,6 @@ def test_seed_record_reproduces_each_seeds_first_logged_loss(record_path):
         log_every = curve["step"][0]
         _, history = train(ids, vocab, config, max_steps=log_every, log_every=log_every)
         assert np.allclose(history["loss"], curve["loss"][:1], rtol=1e-5), curve["seed"]
-
-
-def test_cli_seeds_records_one_run_per_seed_and_refuses_repeated_seeds(tmp_path):
-    text = tmp_path / "tiny.txt"
-    text.write_text(" ".join(TEXT * 5), encoding="utf-8")
-    record = tmp_path / "seeds.json"
-    command = [sys.executable, "-m", "scratchlm", "word2vec", "seeds", "--corpus", str(text), "--heldout", "none",
-               "--dim", "8", "--sample", "0", "--batch-size", "16", "--epochs", "1", "--record", str(record)]
-    result = subprocess.run([*command, "--seeds", "3", "4"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    written = json.loads(record.read_text())
-    assert written["config"]["seeds"] == [3, 4] and "seed" not in written["config"]
-    assert [run["seed"] for run in written["metrics"]["runs"]] == [3, 4]
-    assert [c["seed"] for c in written["curves"]["runs"]] == [3, 4]
-    assert written["curves"]["runs"][0]["loss"] != written["curves"]["runs"][1]["loss"]
-    # the first seed's run is the run `word2vec train --seed 3` makes
-    vocab = Vocabulary.build(tokenize(text.read_text()), 5)
-    config = Word2VecConfig(corpus=str(text), heldout=None, dim=8, sample=0.0, batch_size=16, epochs=1, seed=3)
-    _, history = train(vocab.encode(tokenize(text.read_text())), vocab, config)
-    assert history["loss"] and written["curves"]["runs"][0]["loss"] == history["loss"]
-    result = subprocess.run([*command, "--seeds", "1", "1"], capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "[1, 1]" in result.stderr
-
-
-def test_cli_train_writes_model_and_record_then_similar_reads_it(tmp_path):
-    text = tmp_path / "tiny.txt"
-    text.write_text(" ".join(TEXT * 5), encoding="utf-8")
-    model, record = tmp_path / "tiny.npz", tmp_path / "tiny.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "scratchlm", "word2vec", "train", "--corpus", str(text), "--heldout", "none",
-         "--dim", "8", "--epochs", "1", "--out", str(model), "--record", str(record), "--json"],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["vocab_size"] == len(set(TEXT)) - 1  # "." is not a word
-    written = json.loads(record.read_text())
-    assert written["config"]["dim"] == 8 and written["curves"]["heldout_loss"] == []
-    result = subprocess.run([sys.executable, "-m", "scratchlm", "word2vec", "similar", "cat", "--model", str(model)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0 and len(result.stdout.splitlines()) == len(set(TEXT)) - 2
-
-
-def test_cli_bench_reports_every_speed_against_the_loop_and_records_it(tmp_path):
-    require_data("dostoevsky/brothers_karamazov.txt")
-    result = subprocess.run([sys.executable, "-m", "scratchlm", "word2vec", "bench", "--words", "20000",
-                             "--loop-pairs", "50", "--repeats", "1", "--json", "--record", str(tmp_path / "bench.json")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert set(report["words_per_second"]) == {"per-pair loop", "SkipGram", "FastSkipGram"}
-    assert all(rate > 0 for rate in report["words_per_second"].values())
-    assert report["times_the_loop"]["per-pair loop"] == 1.0
-    assert json.loads((tmp_path / "bench.json").read_text())["metrics"] == report
 
 
 def test_loss_terms_add_up_to_the_loss_and_the_mean_score_is_the_mean_over_all_pairs():
@@ -617,3 +566,392 @@ def test_random_pairs_are_uniform_over_the_pairs_of_distinct_words():
     pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
     counts = [int(np.isclose(cosines, vectors.unit[i] @ vectors.unit[j]).sum()) for i, j in pairs]
     assert sum(counts) == 6000 and all(850 < count < 1150 for count in counts), counts  # 1,000 expected each
+
+
+# --- the commands, run in this process -------------------------------------------------
+# (in this process, so that the mutation tests see which code each test reaches)
+
+from dataclasses import asdict
+
+from conftest import assert_documented
+
+from scratchlm.cli import main
+from scratchlm.data import data_path
+from scratchlm.word2vec import (
+    MAP_WORDS,
+    NEIGHBOUR_WORDS,
+    SEED_WORDS,
+    default_model_path,
+    evaluate_vectors,
+    heldout_loss,
+    prepare_corpus,
+)
+
+# every word of the seed's table and some of the neighbour and map words, 40 times each:
+# enough for two logged losses with the commands' 200 steps to a log
+CRIME_TEXT = (
+    "the crime and the punishment . a murder and its guilt . love made the prince happy . "
+    "god and money . the general saw the officer and alyosha . "
+) * 40
+# every option away from its default, so that a value read into the wrong field shows
+TINY_OPTIONS = ("--dim", "8", "--epochs", "2", "--batch-size", "16", "--sample", "0", "--window", "2",
+                "--negatives", "3", "--lr", "0.1", "--min-count", "5", "--negative-power", "0.5")
+
+
+def tiny_config(text, heldout, seed):
+    return Word2VecConfig(corpus=str(text), heldout=heldout and str(heldout), dim=8, epochs=2, batch_size=16,
+                          sample=0.0, window=2, negatives=3, lr=0.1, min_count=5, negative_power=0.5, seed=seed)
+
+
+@pytest.fixture
+def crime_corpus(tmp_path):
+    text, heldout = tmp_path / "crime.txt", tmp_path / "heldout.txt"
+    text.write_text(CRIME_TEXT, encoding="utf-8")
+    heldout.write_text("the prince saw the crime and the money . " * 20, encoding="utf-8")
+    return text, heldout
+
+
+def run_word2vec(capsys, *argv):
+    code = main(["word2vec", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def as_json(value):
+    """What a value becomes once written to a JSON record and read back."""
+    return json.loads(json.dumps(value))
+
+
+def test_every_word2vec_command_and_option_has_help():
+    assert_documented("word2vec")
+
+
+def test_train_command_saves_and_records_the_run_that_train_makes(capsys, crime_corpus, tmp_path):
+    require_data("eval/wordsim353.tsv", "eval/simlex999.txt", "eval/questions-words.txt")
+    text, heldout = crime_corpus
+    out, record = tmp_path / "m.npz", tmp_path / "r.json"
+    code, stdout, stderr = run_word2vec(capsys, "train", "--corpus", text, "--heldout", heldout, *TINY_OPTIONS,
+                                        "--seed", 7, "--out", out, "--record", record, "--json")
+    assert code == 0 and stderr == ""
+    config = tiny_config(text, heldout, 7)
+    tokens, vocab, ids, heldout_ids = prepare_corpus(config)
+    assert len(tokens) == len(tokenize(CRIME_TEXT)) and heldout_ids is not None
+    model, history = train(ids, vocab, config, heldout_ids=heldout_ids)
+    saved, saved_vocab, saved_config = load_model(out)
+    assert saved_config == config and saved_vocab.words == vocab.words
+    assert np.array_equal(saved.input_vectors, model.input_vectors)
+    assert np.array_equal(saved.output_vectors, model.output_vectors)
+    metrics, embedding_map = evaluate_vectors(WordVectors(vocab.words, model.input_vectors), 7)
+    written = json.loads(record.read_text())
+    assert written["config"] == asdict(config)
+    for key, value in metrics.items():
+        np.testing.assert_equal(written["metrics"][key], as_json(value), err_msg=key)
+    assert {key: written["metrics"][key] for key in ("corpus_words", "training_words", "vocab_size", "final_loss")} \
+        == {"corpus_words": len(tokens), "training_words": len(ids), "vocab_size": len(vocab),
+            "final_loss": history["loss"][-1]}
+    assert written["metrics"]["words_per_second"] > 0 and written["metrics"]["train_seconds"] > 0
+    assert written["elapsed_seconds"] == pytest.approx(written["metrics"]["train_seconds"], abs=5e-4)  # rounded
+    keys = ("step", "words", "loss", "lr", "heldout_epoch", "heldout_loss")
+    assert written["curves"] == as_json({key: history[key] for key in keys})
+    assert len(written["curves"]["heldout_loss"]) == config.epochs + 1
+    assert written["samples"] == [as_json(embedding_map)]
+    summary = json.loads(stdout)
+    assert (summary["model"], summary["record"], summary["vocab_size"]) == (str(out), str(record), len(vocab))
+    np.testing.assert_equal(
+        [summary["wordsim353"], summary["simlex999"], summary["analogies"]],
+        [metrics["wordsim353"]["spearman"], metrics["simlex999"]["spearman"], metrics["analogies"]["accuracy"]])
+
+
+def test_train_command_shows_progress_and_saves_to_the_user_cache_by_default(capsys, crime_corpus, tmp_path,
+                                                                           monkeypatch):
+    require_data("eval/wordsim353.tsv", "eval/simlex999.txt", "eval/questions-words.txt")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    text, _ = crime_corpus
+    code, stdout, stderr = run_word2vec(capsys, "train", "--corpus", text, "--heldout", "None", *TINY_OPTIONS)
+    assert code == 0
+    path = tmp_path / "cache" / "scratchlm" / "word2vec-crime.npz"
+    assert default_model_path(str(text)) == path and path.is_file()
+    assert load_model(path)[2] == tiny_config(text, None, 0)
+    _, vocab, ids, _ = prepare_corpus(tiny_config(text, None, 0))
+    _, history = train(ids, vocab, tiny_config(text, None, 0))
+    last = f"\r{history['words'][-1] / (2 * len(tokenize(CRIME_TEXT))):6.1%}  step {history['step'][-1]:,}  loss "
+    assert stderr.endswith(last + f"{history['loss'][-1]:.4f}")
+    assert stderr.count("\r") == len(history["step"])
+    lines = stdout.splitlines()
+    assert lines[0] == "" and lines[1] == f"model: {path}" and lines[2] == "record: None"
+    assert lines[5] == f"vocab_size: {len(load_model(path)[1])}" and len(lines) == 9
+
+
+def test_seeds_command_records_what_each_seeds_train_run_measures(capsys, crime_corpus, tmp_path):
+    require_data("eval/wordsim353.tsv", "eval/simlex999.txt", "eval/questions-words.txt")
+    text, heldout = crime_corpus
+    record = tmp_path / "seeds.json"
+    code, stdout, stderr = run_word2vec(capsys, "seeds", "--corpus", text, "--heldout", heldout, *TINY_OPTIONS,
+                                        "--seeds", 4, 3, "--record", record)
+    assert code == 0 and json.loads(stdout) == {"record": str(record), "seeds": [4, 3]}
+    written = json.loads(record.read_text())
+    tokens, vocab, ids, heldout_ids = prepare_corpus(tiny_config(text, heldout, 4))
+    assert written["config"] == {**{k: v for k, v in asdict(tiny_config(text, heldout, 4)).items() if k != "seed"},
+                                 "seeds": [4, 3]}
+    assert written["metrics"]["corpus_words"] == len(tokens) and written["metrics"]["training_words"] == len(ids)
+    assert written["metrics"]["vocab_size"] == len(vocab)
+    seconds = 0.0
+    for seed, run, curve, line in zip([4, 3], written["metrics"]["runs"], written["curves"]["runs"],
+                                      stderr.splitlines(), strict=True):
+        model, history = train(ids, vocab, tiny_config(text, heldout, seed), heldout_ids=heldout_ids)
+        metrics, _ = evaluate_vectors(WordVectors(vocab.words, model.input_vectors), seed)
+        expected = {"seed": seed, **{k: metrics[k] for k in ("wordsim353", "simlex999", "analogies")},
+                    "random_cosine_mean": metrics["random_cosine"]["mean"], "seed_table": metrics["seed_table"],
+                    "final_loss": history["loss"][-1]}
+        np.testing.assert_equal({k: run[k] for k in expected}, as_json(expected))
+        assert run["train_seconds"] > 0
+        seconds += run["train_seconds"]
+        keys = ("step", "words", "loss", "lr", "heldout_epoch", "heldout_loss")
+        assert curve == as_json({"seed": seed, **{key: history[key] for key in keys}})
+        assert line.startswith(f"seed {seed}: WordSim-353 ") and " SimLex-999 " in line and " analogies " in line
+    assert written["elapsed_seconds"] == pytest.approx(seconds, abs=5e-4)  # rounded
+    code, _, stderr = run_word2vec(capsys, "seeds", "--corpus", text, "--seeds", 1, 1, "--record", record)
+    assert code == 2 and stderr == "error: --seeds needs distinct seeds, got [1, 1]\n"
+
+
+def tiny_vectors_model(tmp_path, n_words=12):
+    rng = np.random.default_rng(5)
+    words = [f"w{i}" for i in range(n_words)]
+    model = SkipGram(rng.standard_normal((n_words, 4)).astype(np.float32), np.zeros((n_words, 4), np.float32))
+    path = tmp_path / "vectors.npz"
+    save_model(path, model, Vocabulary(words, np.arange(n_words, 0, -1)), Word2VecConfig(dim=4))
+    return path, WordVectors(words, model.input_vectors)
+
+
+def test_similar_command_prints_the_saved_models_nearest_words(capsys, tmp_path, monkeypatch):
+    path, vectors = tiny_vectors_model(tmp_path)
+    expected = vectors.most_similar("w3", 4)
+    code, out, err = run_word2vec(capsys, "similar", "w3", "--k", 4, "--model", path)
+    assert code == 0 and err == "" and out == "".join(f"{w:20s} {c:.3f}\n" for w, c in expected)
+    code, out, _ = run_word2vec(capsys, "similar", "w3", "--k", 4, "--model", path, "--json")
+    assert json.loads(out) == {"word": "w3", "neighbours": as_json(expected)}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    default_model_path("dostoevsky").parent.mkdir(parents=True)
+    default_model_path("dostoevsky").write_bytes(path.read_bytes())
+    code, out, _ = run_word2vec(capsys, "similar", "w3")  # the default model and ten neighbours
+    assert code == 0 and out == "".join(f"{w:20s} {c:.3f}\n" for w, c in vectors.most_similar("w3", 10))
+    code, _, err = run_word2vec(capsys, "similar", "zebra", "--model", path)
+    assert code == 2 and err.count("\n") == 1 and "'zebra'" in err
+
+
+def test_bench_command_times_the_three_trainers_on_the_words_asked_for(capsys, tmp_path):
+    require_data("dostoevsky/brothers_karamazov.txt")
+    record = tmp_path / "bench.json"
+    code, out, err = run_word2vec(capsys, "bench", "--words", 20000, "--loop-pairs", 40, "--repeats", 2,
+                                  "--seed", 3, "--record", record)
+    assert code == 0 and err == ""
+    written = json.loads(record.read_text())
+    metrics = written["metrics"]
+    assert metrics["words"] == 20000 and written["elapsed_seconds"] > 0
+    assert written["config"] == {**asdict(Word2VecConfig(epochs=1, seed=3)), "words": 20000, "loop_pairs": 40,
+                                 "repeats": 2}
+    rates = metrics["words_per_second"]
+    assert list(rates) == ["per-pair loop", "SkipGram", "FastSkipGram"] and all(r > 0 for r in rates.values())
+    assert metrics["times_the_loop"] == {name: rate / rates["per-pair loop"] for name, rate in rates.items()}
+    assert out.splitlines() == [f"{name:14s} {rate:>10,.0f} words/s  x{rate / rates['per-pair loop']:,.1f} the "
+                                "per-pair loop" for name, rate in rates.items()]
+    # the loop runs at most one batch
+    code, out, _ = run_word2vec(capsys, "bench", "--words", 5000, "--loop-pairs", 10**6, "--repeats", 1,
+                                "--record", record, "--json")
+    assert code == 0 and json.loads(record.read_text())["config"]["loop_pairs"] == Word2VecConfig().batch_size
+    assert json.loads(out) == json.loads(record.read_text())["metrics"]
+    code, out, err = run_word2vec(capsys, "bench", "--repeats", 0)
+    assert code == 2 and out == "" and err == "error: --repeats must be at least 1, got 0\n"
+
+
+def test_evaluate_vectors_scores_the_benchmarks_and_sets_the_seed_table_against_random_pairs():
+    data = require_data("eval/wordsim353.tsv", "eval/simlex999.txt", "eval/questions-words.txt")
+    words = ["crime", *SEED_WORDS, *NEIGHBOUR_WORDS[2:], "tiger", "cat", "king", "queen", "man", "woman", "sonia"]
+    rng = np.random.default_rng(0)
+    words = list(dict.fromkeys(words))
+    vectors = WordVectors(words, rng.standard_normal((len(words), 6)))
+    metrics, embedding_map = evaluate_vectors(vectors, seed=3)
+    np.testing.assert_equal(metrics["wordsim353"],
+                            evaluate_similarity(vectors, read_word_pairs(data / "eval/wordsim353.tsv")))
+    np.testing.assert_equal(metrics["simlex999"],
+                            evaluate_similarity(vectors, read_word_pairs(data / "eval/simlex999.txt")))
+    np.testing.assert_equal(metrics["analogies"],
+                            evaluate_analogies(vectors, read_analogies(data / "eval/questions-words.txt")))
+    assert metrics["wordsim353"]["pairs_used"] > 2 and metrics["analogies"]["questions_used"] > 0
+    background = random_pair_cosines(vectors, 100_000, np.random.default_rng(3))
+    histogram, edges = np.histogram(background, bins=80, range=(-1.0, 1.0))
+    assert metrics["random_cosine"] == {"mean": float(background.mean()), "histogram": histogram.tolist(),
+                                        "edges": edges.tolist()}
+    assert metrics["seed_table"] == [
+        {"word": w, "cosine": vectors.similarity("crime", w),
+         "percentile": float(100.0 * np.mean(background < vectors.similarity("crime", w)))}
+        for w in SEED_WORDS]
+    assert metrics["neighbours"] == {w: vectors.most_similar(w, 10) for w in NEIGHBOUR_WORDS}
+    on_map = [w for w in MAP_WORDS if w in vectors.index]
+    assert embedding_map["words"] == on_map and "sonia" in on_map and "tiger" not in on_map
+    assert np.array_equal(embedding_map["vectors"], np.round(vectors.unit[[vectors.index[w] for w in on_map]], 4))
+    without_crime = WordVectors(vectors.words[1:], vectors.unit[1:])
+    assert evaluate_vectors(without_crime, seed=3)[0]["seed_table"] == []
+
+
+def test_heldout_loss_is_the_mean_pair_loss_on_the_same_pairs_every_call():
+    ids = np.tile(Vocabulary.build(TEXT, 1).encode(TEXT), 12)  # ~ 28,000 pairs: more than one chunk
+    vocab = Vocabulary.build(TEXT, 1)
+    config = Word2VecConfig(dim=8, negatives=3)
+    untrained = SkipGram.initialise(len(vocab), 8, np.random.default_rng(0))  # every score is 0
+    for pairs in (50_000, 9000, 7):
+        assert heldout_loss(untrained, ids, config, vocab, pairs=pairs) == pytest.approx(4 * math.log(2))
+    model, _ = small_run()
+    first = heldout_loss(model, ids, config, vocab)
+    assert heldout_loss(model, ids, config, vocab) == first
+    assert heldout_loss(model, ids, config, vocab, pairs=9000) != first
+    model.output_vectors[0] += 1.0  # moves the score of every pair with target 0
+    assert heldout_loss(model, ids, config, vocab) != first
+
+
+def test_the_per_pair_loop_returns_the_mean_loss_per_pair():
+    # output vectors start at 0, and no pair meets a row an earlier pair changed: every score is 0
+    model = SkipGram.initialise(12, 4, np.random.default_rng(0))
+    centres, contexts = np.array([0, 4, 8], np.int32), np.array([1, 5, 9], np.int32)
+    loss = step_loop(model, centres, contexts, np.array([[2, 3], [6, 7], [10, 11]], np.int32), 0.1)
+    assert loss == pytest.approx(3 * math.log(2))
+
+
+def test_batches_cover_each_epoch_once_in_batches_no_larger_than_asked():
+    vocab = Vocabulary.build(TEXT, 1)
+    ids = np.tile(vocab.encode(TEXT), 150)  # 58,500 words: two chunks
+    config = Word2VecConfig(batch_size=100, epochs=2, sample=0.0, window=2, negatives=3)
+    stream = list(batches(ids, config, vocab, np.random.default_rng(0)))
+    words = [w for *_, w in stream]
+    assert all(type(w) is int for w in words) and sum(words) == 2 * len(ids)
+    sizes = [len(centres) for centres, *_ in stream]
+    assert min(sizes) > 0 and max(sizes) == 100
+    # pairs at distance 1 and 2 of each chunk of the corpus: each word is a centre once per context it has
+    centres = np.concatenate([c for c, *_ in stream])
+    assert len(centres) == sum(sizes) and 2 * len(ids) * 2 <= len(centres) <= 2 * len(ids) * 4
+    first_word_as_centre = np.concatenate([c[x == ids[1]] for c, x, *_ in stream])
+    assert len(first_word_as_centre) > 0
+
+
+def test_batches_draw_negatives_with_the_configured_power():
+    vocab = Vocabulary(["a", "b", "c", "d"], np.array([1000, 100, 10, 1]))
+    ids = np.tile(np.arange(4, dtype=np.int32), 2000)
+    for power in (0.0, 1.0):
+        config = Word2VecConfig(sample=0.0, negative_power=power, epochs=1)
+        negatives = np.concatenate([n.ravel() for _, _, n, _ in batches(ids, config, vocab, np.random.default_rng(0))])
+        share = np.bincount(negatives, minlength=4) / len(negatives)
+        assert np.allclose(share, negative_distribution(vocab.counts, power), atol=0.01), power
+
+
+def test_a_word2vec_file_without_its_words_is_refused_by_name(tmp_path):
+    model, _ = small_run()
+    arrays = {"input_vectors": model.input_vectors, "output_vectors": model.output_vectors,
+              "counts": Vocabulary.build(TEXT, 1).counts}
+    save_arrays(tmp_path / "m.npz", "word2vec", arrays, {"config": asdict(Word2VecConfig(dim=8))})
+    with pytest.raises(ScratchLMError, match=r"m\.npz is an incomplete word2vec file"):
+        load_model(tmp_path / "m.npz")
+
+
+
+def test_command_defaults_are_the_configs_and_the_ones_their_help_states():
+    from scratchlm.cli import build_parser
+
+    parse = build_parser().parse_args
+    train_args = parse(["word2vec", "train"])
+    assert {name: getattr(train_args, name) for name in asdict(Word2VecConfig())} == asdict(Word2VecConfig())
+    assert (train_args.out, train_args.record, train_args.json) == (None, None, False)
+    assert parse(["word2vec", "train", "--heldout", "NONE", "--sample", "0.5"]).heldout is None
+    assert parse(["word2vec", "train", "--heldout", "the-idiot"]).heldout == "the-idiot"
+    seeds_args = parse(["word2vec", "seeds", "--record", "r.json"])
+    assert seeds_args.seeds == [0, 1, 2] and not hasattr(seeds_args, "seed")
+    bench_args = parse(["word2vec", "bench"])
+    assert (bench_args.words, bench_args.loop_pairs, bench_args.repeats, bench_args.seed) == (300_000, 2_000, 3, 0)
+    similar_args = parse(["word2vec", "similar", "crime"])
+    assert (similar_args.word, similar_args.k, similar_args.model, similar_args.json) == ("crime", 10, None, False)
+    for command in (["word2vec"], ["word2vec", "seeds"]):  # a command, and the record, are required
+        with pytest.raises(SystemExit):
+            parse(command)
+    for args in (["train"], ["seeds", "--record", "r.json"], ["similar", "x"], ["bench"]):
+        assert parse(["word2vec", *args]).run.__name__ == f"_{args[0]}_command"
+
+
+def test_dynamic_window_uses_a_neighbour_at_distance_d_with_probability_falling_in_d():
+    ids = np.arange(30_000, dtype=np.int32)  # distinct ids: a pair's distance is |centre - context|
+    for window in (2, 3):
+        centres, contexts = skipgram_pairs(ids, window, np.random.default_rng(0))
+        counts = np.bincount(np.abs(centres - contexts))
+        assert len(counts) == window + 1 and counts[0] == 0
+        for d in range(1, window + 1):  # both sides of each of the N - d centres that have one
+            expected = 2 * (len(ids) - d) * (window - d + 1) / window
+            assert counts[d] == pytest.approx(expected, rel=0.02), (window, d)
+
+
+def test_heldout_loss_draws_negatives_with_the_configured_power():
+    # one word scores 8 against every centre, all others 0: the loss counts how often it is drawn
+    vocab = Vocabulary(["a", "b", "c", "d"], np.array([1000, 100, 10, 1]))
+    ids = np.tile(np.array([1, 2, 3, 2, 1, 3], np.int32), 5000)  # "a" is never a true context
+    model = SkipGram(np.ones((4, 2), np.float32), np.zeros((4, 2), np.float32))
+    model.output_vectors[0] = 4.0
+    softplus = math.log1p(math.exp(8.0))
+    for power in (0.0, 1.0):
+        config = Word2VecConfig(negative_power=power, negatives=5)
+        drawn = negative_distribution(vocab.counts, power)[0]
+        expected = math.log(2) + 5 * ((1 - drawn) * math.log(2) + drawn * softplus)
+        assert heldout_loss(model, ids, config, vocab) == pytest.approx(expected, rel=0.01), power
+
+
+def test_a_run_too_short_to_log_records_no_final_loss(capsys, tmp_path, monkeypatch):
+    require_data("eval/wordsim353.tsv", "eval/simlex999.txt", "eval/questions-words.txt")
+    text = tmp_path / "short.txt"
+    text.write_text(CRIME_TEXT[: len(CRIME_TEXT) // 20], encoding="utf-8")
+    argv = ["word2vec", "train", "--corpus", str(text), "--heldout", "none", "--dim", "4", "--epochs", "1",
+            "--min-count", "1", "--out", str(tmp_path / "m.npz"), "--record", str(tmp_path / "r.json"), "--json"]
+    monkeypatch.setattr(sys, "argv", ["scratchlm", *argv])
+    assert main(argv) == 0
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["metrics"]["final_loss"] is None and written["curves"]["loss"] == []
+    assert written["command"] == "python -m scratchlm " + " ".join(argv)
+    # with the default --min-count 5 and sub-sampling, this text leaves chunks with no pairs
+    argv = ["word2vec", "seeds", *argv[2:10], "--seeds", "1", "--record", str(tmp_path / "s.json")]
+    monkeypatch.setattr(sys, "argv", ["scratchlm", *argv])
+    assert main(argv) == 0
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["metrics"]["runs"][0]["final_loss"] is None
+    assert written["command"] == "python -m scratchlm " + " ".join(argv)
+    capsys.readouterr()
+
+
+def test_bench_command_accounts_for_every_second_it_timed(capsys, tmp_path, monkeypatch):
+    require_data("dostoevsky/brothers_karamazov.txt")
+    argv = ["word2vec", "bench", "--words", "20000", "--loop-pairs", "600", "--repeats", "1", "--seed", "2",
+            "--record", str(tmp_path / "bench.json"), "--json"]
+    monkeypatch.setattr(sys, "argv", ["scratchlm", *argv])
+    started = time.perf_counter()
+    assert main(argv) == 0
+    wall = time.perf_counter() - started
+    capsys.readouterr()
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written["command"] == "python -m scratchlm " + " ".join(argv)
+    rates = written["metrics"]["words_per_second"]
+    config = Word2VecConfig(epochs=1, seed=2)
+    from scratchlm.data import corpus
+
+    tokens = tokenize(corpus("dostoevsky"))[:20000]
+    vocab = Vocabulary.build(tokens, config.min_count)
+    ids = vocab.encode(tokens)
+    centres, _, _, words = next(batches(ids, config, vocab, np.random.default_rng(2)))
+    training_seconds = len(ids) / rates["SkipGram"] + len(ids) / rates["FastSkipGram"]
+    loop_seconds = written["elapsed_seconds"] - training_seconds  # the record keeps 1 ms
+    assert 0 < loop_seconds and written["elapsed_seconds"] <= wall
+    assert rates["per-pair loop"] == pytest.approx(words * 600 / len(centres) / loop_seconds, rel=0.05)
+
+
+def test_a_chunk_sub_sampled_to_no_pairs_takes_no_step_but_its_words_count():
+    vocab = Vocabulary.build(TEXT, 1)
+    ids = vocab.encode(TEXT)  # one chunk, every word common enough to be dropped nearly always
+    config = Word2VecConfig(dim=4, epochs=3, sample=1e-7)
+    before = FastSkipGram.initialise(len(vocab), 4, np.random.default_rng(0))
+    model, history = train(ids, vocab, config, heldout_ids=ids, log_every=1)
+    assert history["step"] == [] and len(history["heldout_loss"]) == 4  # after each epoch
+    assert history["words_per_second"] == pytest.approx(3 * len(ids) / history["seconds"])
+    assert np.array_equal(model.input_vectors, before.input_vectors)
