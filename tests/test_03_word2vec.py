@@ -747,7 +747,14 @@ def test_bench_command_times_the_three_trainers_on_the_words_asked_for(capsys, t
     assert code == 0 and err == ""
     written = json.loads(record.read_text())
     metrics = written["metrics"]
-    assert metrics["words"] == 20000 and written["elapsed_seconds"] > 0
+    assert metrics["words"] == 20000
+    # every repeat of both trainers counts: at least twice the time of their fastest runs
+    from scratchlm.data import corpus
+
+    tokens = tokenize(corpus("dostoevsky"))[:20000]
+    n_ids = len(Vocabulary.build(tokens, 5).encode(tokens))
+    rates = metrics["words_per_second"]
+    assert written["elapsed_seconds"] >= 2 * (n_ids / rates["SkipGram"] + n_ids / rates["FastSkipGram"]) - 1e-3
     assert written["config"] == {**asdict(Word2VecConfig(epochs=1, seed=3)), "words": 20000, "loop_pairs": 40,
                                  "repeats": 2}
     rates = metrics["words_per_second"]
@@ -826,6 +833,10 @@ def test_batches_cover_each_epoch_once_in_batches_no_larger_than_asked():
     assert all(type(w) is int for w in words) and sum(words) == 2 * len(ids)
     sizes = [len(centres) for centres, *_ in stream]
     assert min(sizes) > 0 and max(sizes) == 100
+    # a chunk with fewer pairs than a batch is one batch, not one and an empty one
+    whole = Word2VecConfig(batch_size=10**6, epochs=1, sample=0.0)
+    assert [len(c) for c, *_ in batches(ids[:1000], whole, vocab, np.random.default_rng(0))] != [0]
+    assert len(list(batches(ids[:1000], whole, vocab, np.random.default_rng(0)))) == 1
     # pairs at distance 1 and 2 of each chunk of the corpus: each word is a centre once per context it has
     centres = np.concatenate([c for c, *_ in stream])
     assert len(centres) == sum(sizes) and 2 * len(ids) * 2 <= len(centres) <= 2 * len(ids) * 4
@@ -955,3 +966,51 @@ def test_a_chunk_sub_sampled_to_no_pairs_takes_no_step_but_its_words_count():
     assert history["step"] == [] and len(history["heldout_loss"]) == 4  # after each epoch
     assert history["words_per_second"] == pytest.approx(3 * len(ids) / history["seconds"])
     assert np.array_equal(model.input_vectors, before.input_vectors)
+
+
+def test_train_logs_every_200_steps_by_default_and_stops_at_max_steps():
+    vocab = Vocabulary.build(TEXT, 1)
+    ids = np.tile(vocab.encode(TEXT), 6)
+    config = Word2VecConfig(dim=4, epochs=3, batch_size=16, sample=0.0, lr=0.05)
+    seen = []
+    model, history = train(ids, vocab, config, heldout_ids=ids, on_log=lambda h, m: seen.append((len(h["step"]), m)))
+    steps = history["step"]
+    assert steps == list(range(200, steps[-1] + 1, 200)) and len(steps) >= 2
+    assert seen == [(i + 1, model) for i in range(len(steps))]  # after each log, with the model
+    assert history["heldout_epoch"] == [0.0, 1.0, 2.0, 3.0]
+    assert history["heldout_loss"][0] == pytest.approx(6 * math.log(2))  # output vectors start at 0
+    assert all(math.isfinite(loss) for loss in history["heldout_loss"])
+    # the rate decays linearly in the words done, from config.lr towards 0
+    lr, words = np.array(history["lr"]), np.array(history["words"])
+    assert np.all(np.diff(lr) < 0) and 0 < lr[-1] < lr[0] < config.lr
+    assert np.allclose(1 - lr / config.lr, (words - words[0]) / (3 * len(ids)) + 1 - lr[0] / config.lr, atol=0.01)
+    _, short = train(ids, vocab, config, max_steps=3, log_every=1)
+    assert short["step"] == [1, 2, 3]
+
+
+def test_train_needs_one_whole_window_of_words():
+    vocab = Vocabulary(["a", "b"], np.array([5, 5]))
+    config = Word2VecConfig(dim=4, window=3, epochs=1, sample=0.0)
+    train(np.array([0, 1] * 3 + [0], np.int32), vocab, config)  # 2 * 3 + 1 words: enough
+    with pytest.raises(ScratchLMError, match="6 in-vocabulary words are too few for a window of 3"):
+        train(np.array([0, 1] * 3, np.int32), vocab, config)
+
+
+def test_vocabulary_breaks_ties_alphabetically_and_encodes_to_int32():
+    vocab = Vocabulary.build(["b", "c", "a", "c", "b", "a", "d"], 1)
+    assert vocab.words == ["a", "b", "c", "d"] and vocab.counts.dtype == np.int64
+    assert vocab.encode(["d", "a"]).dtype == np.int32
+
+
+def test_negatives_default_to_the_three_quarter_power_and_configs_refuse_edge_values():
+    counts = np.array([81, 16, 1])
+    assert np.allclose(negative_distribution(counts), negative_distribution(counts, 0.75))
+    for field, value in (("lr", 0.0), ("sample", 1.0), ("sample", 1.5), ("sample", -0.1)):
+        with pytest.raises(ScratchLMError, match=f"{field} must be"):
+            Word2VecConfig(**{field: value})
+
+
+def test_scatter_add_is_exact_on_float64_tables_of_even_width():
+    table = np.zeros((3, 4))
+    scatter_add(table, np.array([1, 1, 2]), np.arange(12, dtype=np.float64).reshape(3, 4))
+    assert np.array_equal(table, [[0, 0, 0, 0], [4, 6, 8, 10], [8, 9, 10, 11]])
