@@ -2,15 +2,19 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tracemalloc
 import warnings
 
 import numpy as np
 import pytest
 
+from scratchlm import transformer
 from scratchlm.errors import ScratchLMError
 from scratchlm.gradcheck import check_gradients, check_layer
+from scratchlm.runs import read_record
 from scratchlm.transformer import (
     GPT,
     IGNORE,
@@ -282,7 +286,7 @@ def test_ignored_targets_count_for_nothing():
         (np.array([[0, 7, 1]]), r"\[0, 7\)"),
         (np.array([[0, -2, 1]]), r"-2\.\.1"),
         (np.zeros((1, 3)), "integers"),
-        (np.zeros((1, 4), dtype=np.int64), "shape"),
+        (np.zeros((1, 4), dtype=np.int64), r"shape \(1, 3\), got int64 \(1, 4\)"),
     ],
 )
 def test_bad_targets_are_one_clear_error(targets, message):
@@ -350,7 +354,7 @@ def test_config_round_trips_through_json_and_refuses_unknown_fields():
         GPTConfig.from_dict({**config.to_dict(), "dropout": 0.1})
     with pytest.raises(ScratchLMError, match="missing \\['n_head'\\]"):
         GPTConfig.from_dict({k: v for k, v in config.to_dict().items() if k != "n_head"})
-    with pytest.raises(ScratchLMError, match="JSON object"):
+    with pytest.raises(ScratchLMError, match="JSON object, got list"):
         GPTConfig.from_dict([1, 2])
 
 
@@ -391,3 +395,393 @@ def test_bench_command_prints_one_json_object():
 def test_bench_command_bad_value_is_one_line_and_status_2(args):
     done = run_cli("bench", *args)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+
+
+# ---------------------------------------------------------------- mutation testing (tests/MUTATION.md)
+
+
+def test_layer_norm_defaults_to_gpt2s_eps_and_names_itself_in_errors():
+    x = np.array([[1.0, 1.001, 0.999, 1.0]])  # a variance of the order of eps
+    layer = LayerNorm(4, dtype=np.float64)
+    y, _, _ = transformer.layer_norm(x, np.ones(4), None)
+    np.testing.assert_allclose(y, layer.forward(x), rtol=1e-12)
+    assert np.abs(y).max() < 0.5  # eps = 1e-5 shrinks it: no longer unit variance
+    with pytest.raises(ScratchLMError, match=r"^LayerNorm expects a float64 array"):
+        layer.forward(x.astype(np.float32))
+
+
+def test_gelu_is_quiet_and_zero_far_below_zero():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exp overflows here: it must not warn
+        y, s = gelu(np.array([-100.0, -1e4], dtype=np.float32))
+    assert (y == 0).all() and (s == 0).all()
+
+
+def test_the_mlp_and_block_have_biases_unless_told_not_to():
+    assert {"fc.bias", "proj.bias"} <= set(MLP(4, rng=rng()).params)
+    assert {"ln_1.bias", "mlp.fc.bias"} <= set(Block(4, 2, rng=rng()).params)
+    assert "fc.bias" not in MLP(4, rng=rng(), bias=False).params
+
+
+def test_a_single_token_is_a_sequence_the_model_reads():
+    model = GPT(tiny_config(), rng=rng())
+    assert model.forward(np.array([[3]])).shape == (1, 1, 11)
+
+
+class FakeClock:
+    """Stands in for the ``time`` module: time passes only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def test_interleaved_timing_skips_the_warm_up_and_reports_medians(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(transformer, "time", clock)
+    work_seconds = iter([100.0, 2.0, 3.0, 9.0])  # the first call: a warm-up
+    reference_seconds = iter([50.0, 1.0, 4.0, 1.0])
+    timed = transformer.interleaved_seconds(
+        lambda: clock.advance(next(work_seconds)),
+        lambda: clock.advance(next(reference_seconds)),
+        3,
+    )
+    # the median of the ratios (2, 0.75, 9), not the ratio of the medians (3 / 1)
+    assert timed == (3.0, 1.0, 2.0)
+    assert all(type(value) is float for value in timed)
+
+
+def slowed(method, seconds, clock):
+    def slow(*args):
+        clock.advance(seconds)
+        return method(*args)
+
+    return slow
+
+
+def test_layer_times_split_a_step_by_piece_in_milliseconds(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(transformer, "time", clock)
+    model = GPT(tiny_config(), rng=rng())
+    model.forward = slowed(model.forward, 8.0, clock)  # the loss and the rest
+    model.embed = slowed(model.embed, 1.0, clock)
+    model.embed_backward = slowed(model.embed_backward, 0.25, clock)
+    model.head = slowed(model.head, 7.0, clock)
+    model.head_backward = slowed(model.head_backward, 0.5, clock)
+    for block in model.blocks:
+        block.forward = slowed(block.forward, 6.0, clock)  # the residual additions
+        for seconds, name in enumerate(("ln_1", "attn", "ln_2", "mlp"), start=2):
+            layer = getattr(block, name)
+            layer.forward = slowed(layer.forward, float(seconds), clock)
+            layer.backward = slowed(layer.backward, 0.125, clock)
+    ids, targets = ids_and_targets(model.config)
+    table = transformer.layer_times(model, ids, targets, repeat=2)
+    expected = {"embedding": 1250.0}
+    for i in range(2):
+        for seconds, name in enumerate(("ln_1", "attn", "ln_2", "mlp"), start=2):
+            expected[f"h.{i}.{name}"] = 1000.0 * seconds + 125.0
+        expected[f"h.{i} residual"] = 6000.0
+    expected["ln_f + head"] = 7500.0
+    expected["loss and the rest"] = 8000.0
+    assert list(table) == list(expected)  # the report's order
+    assert table == pytest.approx(expected)
+
+
+def test_benchmark_derives_its_rates_from_the_step_and_reference_times(monkeypatch):
+    config = tiny_config(bias=False, vocab_size=13)
+    seen, steps, real_step = {}, [], transformer.training_step
+
+    def training_step(model, ids, targets):
+        steps.append(ids.shape)
+        real_step(model, ids, targets)
+
+    def interleaved(work, reference, repeat):
+        work(), reference()
+        seen["repeat"] = repeat
+        return 0.5, 0.25, 3.0
+
+    def layer_times(model, ids, targets, repeat):
+        seen.update(model=model, ids=ids, targets=targets, layers_repeat=repeat)
+        return {"embedding": 1.0}
+
+    monkeypatch.setattr(transformer, "interleaved_seconds", interleaved)
+    monkeypatch.setattr(transformer, "layer_times", layer_times)
+    monkeypatch.setattr(transformer, "training_step", training_step)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    result = transformer.benchmark(config, batch=2, repeat=7, seed=5)
+    flops = gpt_flops(config, 2, config.block_size)
+    product = 2 * (2 * config.block_size) * config.n_embd * 3 * config.n_embd
+    n_products = round(flops / product)  # the reference repeats (B T, C) @ (C, 3C)
+    assert result == {
+        "config": config.to_dict(), "batch": 2, "n_params": count_params(config),
+        "threads": "3", "step_ms": 500.0, "tokens_per_second": 2 * 6 / 0.5,
+        "gflop": flops / 1e9, "gflops": flops / 0.5 / 1e9,
+        "matmul_gflops": n_products * product / 0.25 / 1e9,
+        "ratio_to_matmul": 3.0 * n_products * product / flops,
+        "layers_ms": {"embedding": 1.0},
+    }
+    assert seen["repeat"] == seen["layers_repeat"] == 7
+    assert steps == [(2, config.block_size)]  # the work timed is a training step
+    same_seed = GPT(config, rng=rng(5))  # the per-layer timing gets the seeded model
+    for name, param in same_seed.params.items():
+        np.testing.assert_array_equal(seen["model"].params[name], param)
+    assert seen["ids"].shape == seen["targets"].shape == (2, config.block_size)
+    assert not np.array_equal(seen["ids"], seen["targets"])
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    assert transformer.benchmark(config, batch=2)["threads"] == "default"
+    assert seen["repeat"] == 20  # the defaults: 20 timed steps of the seed-0 model
+    for name, param in GPT(config, rng=rng(0)).params.items():
+        np.testing.assert_array_equal(seen["model"].params[name], param)
+
+
+def test_bench_batch_is_a_seeded_model_and_two_different_batches():
+    config = tiny_config()
+    model, ids, targets = transformer.bench_batch(config, 3, seed=4)
+    again = transformer.bench_batch(config, 3, seed=4)
+    assert ids.shape == targets.shape == (3, config.block_size)
+    assert ids.min() >= 0 and max(ids.max(), targets.max()) < config.vocab_size
+    assert not np.array_equal(ids, targets)
+    np.testing.assert_array_equal(again[1], ids)
+    table = model.params["wte.weight"]
+    np.testing.assert_array_equal(again[0].params["wte.weight"], table)
+    other = transformer.bench_batch(config, 3, seed=5)
+    assert not np.array_equal(other[1], ids)
+    assert len(np.unique(np.concatenate([ids, targets]))) == config.vocab_size
+
+
+def test_other_thread_counts_run_in_a_child_process_with_the_variables_set(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    in_process, children = [], []
+
+    def benchmark(**options):
+        in_process.append(options)
+        return {"threads": "3"}
+
+    def run(command, env, capture_output, text, check):
+        children.append((command, env))
+        assert capture_output and text and check
+        printed = {"timings": [{"threads": env["OPENBLAS_NUM_THREADS"]}]}
+        return subprocess.CompletedProcess(command, 0, json.dumps(printed))
+
+    monkeypatch.setattr(transformer, "benchmark", benchmark)
+    monkeypatch.setattr(transformer.subprocess, "run", run)
+    results = transformer.benchmark_threads([3, 1], batch=2, repeat=4)
+    assert results == [{"threads": "3"}, {"threads": "1"}]
+    assert in_process == [{"batch": 2, "repeat": 4}]
+    ((command, env),) = children
+    assert command == [sys.executable, "-m", "scratchlm", "gpt", "bench", "--json",
+                       "--threads", "1", "--no-memory", "--batch", "2", "--repeat", "4"]
+    assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "1"
+    assert env["SCRATCHLM_DATA"] == os.environ["SCRATCHLM_DATA"]  # the rest passed on
+
+
+def test_activation_memory_counts_bytes_per_token_of_a_fresh_model():
+    # A large vocabulary: what the forward pass keeps is then chiefly one (B, T, V)
+    # float64 array, the gradient of the logits; its peak held two (the logits too).
+    config = GPTConfig(vocab_size=4000, block_size=32, n_layer=1, n_head=1, n_embd=4,
+                       dtype="float64")
+    rows = activation_memory(config, batch=2, block_sizes=(8, 8, 32), seed=3)
+    assert [row["block_size"] for row in rows] == [8, 8, 32]
+    logits_bytes = config.vocab_size * 8  # per token
+    for row in rows:
+        assert logits_bytes < row["kept_per_token"] < 1.2 * logits_bytes
+        assert 1.9 * logits_bytes < row["peak_per_token"] < 10 * logits_bytes
+    first, again = rows[0]["kept_per_token"], rows[1]["kept_per_token"]
+    assert again == pytest.approx(first, rel=0.1)  # a fresh model each time
+    assert not tracemalloc.is_tracing()
+
+
+def test_backward_scales_the_gradient_by_scale_and_defaults_to_the_loss_itself():
+    config = tiny_config(dtype="float64")
+    model = GPT(config, rng=rng(14))
+    ids, targets = ids_and_targets(config)
+    gradients = []
+    for scale in (None, 2.0, 0.5):
+        model.zero_grads()
+        model.forward(ids, targets)
+        model.backward() if scale is None else model.backward(scale=scale)
+        gradients.append({name: grad.copy() for name, grad in model.grads.items()})
+    plain, doubled, halved = gradients
+    for name, grad in plain.items():
+        np.testing.assert_allclose(doubled[name], 2.0 * grad, rtol=1e-12, atol=1e-18)
+        np.testing.assert_allclose(halved[name], 0.5 * grad, rtol=1e-12, atol=1e-18)
+
+
+def test_ignored_targets_get_no_gradient_also_when_most_targets_count():
+    logits = rng(15).standard_normal((2, 6, 3))  # 12 rows, more than the 3 classes
+    targets = rng(16).integers(0, 3, (2, 6))
+    targets[0, 0] = targets[1, 5] = IGNORE
+    _, dlogits = cross_entropy(logits, targets)
+    assert (dlogits[0, 0] == 0).all() and (dlogits[1, 5] == 0).all()
+    np.testing.assert_allclose(dlogits.sum(axis=-1), 0.0, atol=1e-15)
+
+
+def timing(threads, step_ms, ratio, layers):
+    return {
+        "config": transformer.BENCH_CONFIG.to_dict(), "batch": 12, "n_params": 789_760,
+        "threads": threads, "step_ms": step_ms, "tokens_per_second": 12_345.6,
+        "gflop": 1.234, "gflops": 7.89, "matmul_gflops": 45.67,
+        "ratio_to_matmul": ratio,
+        "layers_ms": layers,
+    }
+
+
+def test_rounds_summary_gives_the_best_and_median_step_per_thread_count():
+    rounds = [
+        [timing("1", 10.123456, 2.12345, {}), timing("2", 6.0, 3.0, {})],
+        [timing("1", 12.0, 2.0, {}), timing("2", 5.555555, 4.0, {})],
+        [timing("1", 11.0, 1.0, {}), timing("2", 7.0, 3.5, {})],
+    ]
+    assert transformer.rounds_summary(rounds) == {
+        "1_threads": {"best_step_ms": 10.12, "median_step_ms": 11.0,
+                      "median_ratio_to_matmul": 2.0},
+        "2_threads": {"best_step_ms": 5.56, "median_step_ms": 6.0,
+                      "median_ratio_to_matmul": 3.5},
+    }
+    two = transformer.rounds_summary(rounds[:2])["1_threads"]
+    assert two == {"best_step_ms": 10.12, "median_step_ms": 11.06,
+                   "median_ratio_to_matmul": 2.062}
+
+
+def test_bench_report_lays_out_the_summary_layers_and_memory():
+    timings = [
+        timing("1", 40.25, 2.5, {"embedding": 1.0, "h.0.attn": 3.0}),
+        timing("2", 25.0, 3.25, {"embedding": 2.0, "h.0.attn": 2.0}),
+    ]
+    memory = [
+        {"block_size": 32, "kept_per_token": 2048.0, "peak_per_token": 5120.0},
+        {"block_size": 256, "kept_per_token": 102400.0, "peak_per_token": 204800.0},
+    ]
+    assert transformer.bench_report(timings, memory).split("\n") == [
+        "GPT: 4 layers, 4 heads, n_embd 128, block 64, batch 12, vocab 65, float32; "
+        "789,760 parameters, 1.23 GFLOP a step",
+        " threads  fwd+bwd ms  tokens/s  GFLOP/s  matmul GFLOP/s  x matmul",
+        "       1        40.2    12,346      7.9            45.7      2.50",
+        "       2        25.0    12,346      7.9            45.7      3.25",
+        "per piece, ms per step (share of the step):",
+        "                             1 thr           2 thr",
+        "         embedding     1.00 ( 25%)     2.00 ( 50%)",
+        "          h.0.attn     3.00 ( 75%)     2.00 ( 50%)",
+        "memory per token, KiB: kept for the backward pass / step's peak",
+        "  block    32:      2.0 /      5.0",
+        "  block   256:    100.0 /    200.0",
+    ]
+    assert "memory" not in transformer.bench_report(timings, [])
+
+
+@pytest.fixture
+def fake_bench(monkeypatch):
+    """``gpt bench`` with its measurements replaced: what the command does with them."""
+    clock = FakeClock()
+    clock.advance(100.0)  # a clock's zero is arbitrary
+    monkeypatch.setattr(transformer, "time", clock)
+    calls = {"threads": [], "memory": []}
+    steps = iter([10.0, 12.0, 11.0, 9.0, 8.0])
+
+    def benchmark_threads(threads, **options):
+        calls["threads"].append((threads, options))
+        clock.advance(2.0)
+        return [timing(str(n), next(steps), 2.0, {"embedding": 1.0}) for n in threads]
+
+    def activation_memory(batch):
+        calls["memory"].append(batch)
+        return [{"block_size": 32, "kept_per_token": 1024.0, "peak_per_token": 2048.0}]
+
+    monkeypatch.setattr(transformer, "benchmark_threads", benchmark_threads)
+    monkeypatch.setattr(transformer, "activation_memory", activation_memory)
+    return calls
+
+
+def test_bench_command_defaults(fake_bench, capsys):
+    from scratchlm.cli import main
+
+    assert main(["gpt", "bench"]) == 0
+    assert fake_bench["threads"] == [([1, 2], {"batch": 12, "repeat": 20})]
+    assert fake_bench["memory"] == [12]
+    out = capsys.readouterr().out
+    assert out.startswith("GPT: 4 layers") and "over " not in out
+    assert out.rstrip("\n").endswith("  block    32:      1.0 /      2.0")
+
+
+def test_bench_command_rounds_record_and_json(fake_bench, capsys, tmp_path):
+    from scratchlm.cli import main
+
+    path = tmp_path / "bench.json"
+    argv = ["gpt", "bench", "--threads", "1,3", "--batch", "2", "--repeat", "4",
+            "--rounds", "2", "--record", str(path)]
+    assert main(argv) == 0
+    assert fake_bench["threads"] == [([1, 3], {"batch": 2, "repeat": 4})] * 2
+    assert fake_bench["memory"] == [2]
+    rounds = [[timing("1", 10.0, 2.0, {"embedding": 1.0}),
+               timing("3", 12.0, 2.0, {"embedding": 1.0})],
+              [timing("1", 11.0, 2.0, {"embedding": 1.0}),
+               timing("3", 9.0, 2.0, {"embedding": 1.0})]]
+    record = read_record(path)
+    assert record["config"] == {"model": transformer.BENCH_CONFIG.to_dict(), "batch": 2,
+                                "repeat": 4, "rounds": 2, "threads": [1, 3]}
+    assert record["metrics"] == transformer.rounds_summary(rounds)
+    assert record["curves"] == {"rounds": rounds}
+    assert record["elapsed_seconds"] == 4.0  # both rounds, on the fake clock
+    assert record["command"].startswith("python -m scratchlm")
+    out = capsys.readouterr().out.rstrip("\n").split("\n")
+    summary = transformer.rounds_summary(rounds)
+    expected = [f"over 2 rounds, {key}: {value}" for key, value in summary.items()]
+    assert out[-2:] == expected
+    assert main(["gpt", "bench", "--threads", "1", "--json", "--no-memory"]) == 0
+    assert fake_bench["memory"] == [2]  # --no-memory: not measured
+    printed = json.loads(capsys.readouterr().out)
+    timings = [timing("1", 8.0, 2.0, {"embedding": 1.0})]
+    assert printed == {"timings": timings, "memory": []}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--threads", "0"], "--threads must be positive integers like 1,2, got '0'"),
+        (["--threads", "2,0"], "got '2,0'"),
+        (["--threads", "a,b"], "got 'a,b'"),
+        (["--threads", ""], "got ''"),
+        (["--batch", "0"], "--batch must be positive, got 0"),
+        (["--repeat", "-1"], "--repeat must be positive, got -1"),
+        (["--rounds", "0"], "--rounds must be positive, got 0"),
+    ],
+)
+def test_bench_command_refuses_bad_values_before_timing_anything(
+    fake_bench, capsys, args, message
+):
+    from scratchlm.cli import main
+
+    assert main(["gpt", "bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert fake_bench == {"threads": [], "memory": []}
+
+
+def test_bench_command_documents_itself_and_really_times_in_process(
+    capsys, monkeypatch
+):
+    from conftest import assert_documented
+
+    assert_documented("gpt")
+    from scratchlm.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["gpt"])  # a command is required
+    assert exited.value.code == 2
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # the count this process runs with
+    assert main(["gpt", "bench", "--json", "--threads", "1", "--repeat", "1", "--batch",
+                 "1", "--no-memory"]) == 0
+    (measured,) = json.loads(capsys.readouterr().out)["timings"]
+    assert measured["n_params"] == count_params(transformer.BENCH_CONFIG)
+    assert measured["step_ms"] > 0 and measured["ratio_to_matmul"] > 0
+    per_second = 64 / measured["step_ms"] * 1e3
+    assert measured["tokens_per_second"] == pytest.approx(per_second)
+    layers = measured["layers_ms"]
+    assert len(layers) == 1 + 4 * 5 + 2
+    assert all(math.isfinite(value) for value in layers.values())
