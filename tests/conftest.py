@@ -53,3 +53,16 @@ def assert_documented(*commands: str, description: bool = True) -> None:
         if description:
             assert top.choices[name].description, name
         check(top.choices[name], name)
+
+
+class FakeClock:
+    """Stands in for the ``time`` module: time passes only when a test says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds

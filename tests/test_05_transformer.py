@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import FakeClock
 
 from scratchlm import transformer
 from scratchlm.errors import ScratchLMError
@@ -426,19 +427,6 @@ def test_the_mlp_and_block_have_biases_unless_told_not_to():
 def test_a_single_token_is_a_sequence_the_model_reads():
     model = GPT(tiny_config(), rng=rng())
     assert model.forward(np.array([[3]])).shape == (1, 1, 11)
-
-
-class FakeClock:
-    """Stands in for the ``time`` module: time passes only when a test says so."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 def test_interleaved_timing_skips_the_warm_up_and_reports_medians(monkeypatch):

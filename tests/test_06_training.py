@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, require_data
+from conftest import ROOT, FakeClock, require_data
 
 from scratchlm import files, transformer
 from scratchlm.bpe import BPETokenizer
@@ -764,19 +764,6 @@ def small_corpus(tmp_path, name="corpus.txt", seed=0, n_words=1500) -> Path:
     path.write_text(" ".join(draw.choice(WORDS) for _ in range(n_words)) + "\n",
                     encoding="utf-8")
     return path
-
-
-class FakeClock:
-    """Stands in for the ``time`` module: time passes only when a test says so."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 class RecordedData(TokenData):
