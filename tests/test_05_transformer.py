@@ -3,10 +3,12 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from scratchlm.transformer import (
     count_params,
     cross_entropy,
     gelu,
+    DataParallel,
     gelu_backward,
     gpt_flops,
 )
@@ -383,16 +386,19 @@ def run_cli(*args):
 
 
 def test_bench_command_prints_one_json_object():
-    done = run_cli("bench", "--json", "--threads", "1", "--repeat", "1", "--batch", "2",
-                   "--no-memory")
+    done = run_cli("bench", "--json", "--threads", "1", "--workers", "1", "--repeat", "1",
+                   "--batch", "2", "--no-memory")
     assert done.returncode == 0, done.stderr
     (timing,) = json.loads(done.stdout)["timings"]
-    assert timing["threads"] == "1" and timing["config"]["n_layer"] == 4
+    assert timing["threads"] == "1" and timing["workers"] == 1
+    assert timing["config"]["n_layer"] == 4
     assert timing["ratio_to_matmul"] > 0 and timing["tokens_per_second"] > 0
     assert {"embedding", "h.3.mlp", "ln_f + head", "loss and the rest"} <= set(timing["layers_ms"])
 
 
-@pytest.mark.parametrize("args", [["--threads", "0"], ["--threads", "a,b"], ["--repeat", "0"]])
+@pytest.mark.parametrize(
+    "args", [["--threads", "0"], ["--threads", "a,b"], ["--repeat", "0"], ["--workers", "0"]]
+)
 def test_bench_command_bad_value_is_one_line_and_status_2(args):
     done = run_cli("bench", *args)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
@@ -468,7 +474,14 @@ def test_layer_times_split_a_step_by_piece_in_milliseconds(monkeypatch):
             layer.forward = slowed(layer.forward, float(seconds), clock)
             layer.backward = slowed(layer.backward, 0.125, clock)
     ids, targets = ids_and_targets(model.config)
-    table = transformer.layer_times(model, ids, targets, repeat=2)
+    steps = []
+
+    def step():
+        steps.append(1)
+        transformer.training_step(model, ids, targets)
+
+    table = transformer.layer_times(model, step, repeat=2)
+    assert len(steps) == 3  # a warm-up, then the timed steps
     expected = {"embedding": 1250.0}
     for i in range(2):
         for seconds, name in enumerate(("ln_1", "attn", "ln_2", "mlp"), start=2):
@@ -484,17 +497,22 @@ def test_benchmark_derives_its_rates_from_the_step_and_reference_times(monkeypat
     config = tiny_config(bias=False, vocab_size=13)
     seen, steps, real_step = {}, [], transformer.training_step
 
-    def training_step(model, ids, targets):
-        steps.append(ids.shape)
-        real_step(model, ids, targets)
+    def training_step(model, ids, targets, parallel=None):
+        steps.append((ids.shape, parallel))
+        real_step(model, ids, targets, parallel)
 
     def interleaved(work, reference, repeat):
         work(), reference()
         seen["repeat"] = repeat
         return 0.5, 0.25, 3.0
 
-    def layer_times(model, ids, targets, repeat):
-        seen.update(model=model, ids=ids, targets=targets, layers_repeat=repeat)
+    def layer_times(model, step, repeat):
+        seen.update(model=model, layers_repeat=repeat)
+        before = len(steps)
+        step()  # the step clocked is a training step of that same model
+        shape, parallel = steps.pop()
+        assert len(steps) == before
+        seen.update(shape=shape, parallel=parallel)
         return {"embedding": 1.0}
 
     monkeypatch.setattr(transformer, "interleaved_seconds", interleaved)
@@ -507,19 +525,27 @@ def test_benchmark_derives_its_rates_from_the_step_and_reference_times(monkeypat
     n_products = round(flops / product)  # the reference repeats (B T, C) @ (C, 3C)
     assert result == {
         "config": config.to_dict(), "batch": 2, "n_params": count_params(config),
-        "threads": "3", "step_ms": 500.0, "tokens_per_second": 2 * 6 / 0.5,
+        "threads": "3", "workers": 1, "step_ms": 500.0,
+        "tokens_per_second": 2 * 6 / 0.5,
         "gflop": flops / 1e9, "gflops": flops / 0.5 / 1e9,
         "matmul_gflops": n_products * product / 0.25 / 1e9,
         "ratio_to_matmul": 3.0 * n_products * product / flops,
         "layers_ms": {"embedding": 1.0},
     }
     assert seen["repeat"] == seen["layers_repeat"] == 7
-    assert steps == [(2, config.block_size)]  # the work timed is a training step
+    assert steps == [((2, config.block_size), None)]  # the work timed is a step
+    assert seen["shape"] == (2, config.block_size) and seen["parallel"] is None
     same_seed = GPT(config, rng=rng(5))  # the per-layer timing gets the seeded model
     for name, param in same_seed.params.items():
         np.testing.assert_array_equal(seen["model"].params[name], param)
-    assert seen["ids"].shape == seen["targets"].shape == (2, config.block_size)
-    assert not np.array_equal(seen["ids"], seen["targets"])
+    steps.clear()
+    parallel = transformer.benchmark(config, batch=3, repeat=2, seed=5, workers=2)
+    assert parallel["workers"] == 2
+    ((_, timed),) = steps  # the step timed shares the batch out among two replicas
+    assert len(timed.replicas) == 2 and timed.model is not seen["model"]
+    assert seen["parallel"].model is seen["model"]  # the clocked model: replica 0
+    assert seen["shape"] == (3, config.block_size)
+    steps.clear()
     monkeypatch.delenv("OPENBLAS_NUM_THREADS")
     assert transformer.benchmark(config, batch=2)["threads"] == "default"
     assert seen["repeat"] == 20  # the defaults: 20 timed steps of the seed-0 model
@@ -548,23 +574,28 @@ def test_other_thread_counts_run_in_a_child_process_with_the_variables_set(monke
 
     def benchmark(**options):
         in_process.append(options)
-        return {"threads": "3"}
+        return {"threads": "3", "workers": options["workers"]}
 
     def run(command, env, capture_output, text, check):
         children.append((command, env))
         assert capture_output and text and check
-        printed = {"timings": [{"threads": env["OPENBLAS_NUM_THREADS"]}]}
+        workers = int(command[command.index("--workers") + 1])
+        printed = {"timings": [{"threads": env["OPENBLAS_NUM_THREADS"], "workers": workers}]}
         return subprocess.CompletedProcess(command, 0, json.dumps(printed))
 
     monkeypatch.setattr(transformer, "benchmark", benchmark)
     monkeypatch.setattr(transformer.subprocess, "run", run)
-    results = transformer.benchmark_threads([3, 1], batch=2, repeat=4)
-    assert results == [{"threads": "3"}, {"threads": "1"}]
-    assert in_process == [{"batch": 2, "repeat": 4}]
-    ((command, env),) = children
-    assert command == [sys.executable, "-m", "scratchlm", "gpt", "bench", "--json",
-                       "--threads", "1", "--no-memory", "--batch", "2", "--repeat", "4"]
+    results = transformer.benchmark_threads([3, 1], [1, 2], batch=2, repeat=4)
+    assert results == [{"threads": t, "workers": w} for t in "31" for w in (1, 2)]
+    assert in_process == [{"batch": 2, "repeat": 4, "workers": w} for w in (1, 2)]
+    assert [command for command, _ in children] == [
+        [sys.executable, "-m", "scratchlm", "gpt", "bench", "--json", "--threads", "1",
+         "--workers", str(w), "--no-memory", "--batch", "2", "--repeat", "4"]
+        for w in (1, 2)
+    ]
+    env = children[0][1]
     assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "1"
+    assert transformer.benchmark_threads([3], batch=1) == [{"threads": "3", "workers": 1}]
     assert env["SCRATCHLM_DATA"] == os.environ["SCRATCHLM_DATA"]  # the rest passed on
 
 
@@ -609,10 +640,11 @@ def test_ignored_targets_get_no_gradient_also_when_most_targets_count():
     np.testing.assert_allclose(dlogits.sum(axis=-1), 0.0, atol=1e-15)
 
 
-def timing(threads, step_ms, ratio, layers):
+def timing(threads, step_ms, ratio, layers, workers=1):
     return {
         "config": transformer.BENCH_CONFIG.to_dict(), "batch": 12, "n_params": 789_760,
-        "threads": threads, "step_ms": step_ms, "tokens_per_second": 12_345.6,
+        "threads": threads, "workers": workers, "step_ms": step_ms,
+        "tokens_per_second": 12_345.6,
         "gflop": 1.234, "gflops": 7.89, "matmul_gflops": 45.67,
         "ratio_to_matmul": ratio,
         "layers_ms": layers,
@@ -621,17 +653,17 @@ def timing(threads, step_ms, ratio, layers):
 
 def test_rounds_summary_gives_the_best_and_median_step_per_thread_count():
     rounds = [
-        [timing("1", 10.123456, 2.12345, {}), timing("2", 6.0, 3.0, {})],
-        [timing("1", 12.0, 2.0, {}), timing("2", 5.555555, 4.0, {})],
-        [timing("1", 11.0, 1.0, {}), timing("2", 7.0, 3.5, {})],
+        [timing("1", 10.123456, 2.12345, {}), timing("1", 6.0, 3.0, {}, workers=2)],
+        [timing("1", 12.0, 2.0, {}), timing("1", 5.555555, 4.0, {}, workers=2)],
+        [timing("1", 11.0, 1.0, {}), timing("1", 7.0, 3.5, {}, workers=2)],
     ]
     assert transformer.rounds_summary(rounds) == {
-        "1_threads": {"best_step_ms": 10.12, "median_step_ms": 11.0,
-                      "median_ratio_to_matmul": 2.0},
-        "2_threads": {"best_step_ms": 5.56, "median_step_ms": 6.0,
-                      "median_ratio_to_matmul": 3.5},
+        "1_threads_1_workers": {"best_step_ms": 10.12, "median_step_ms": 11.0,
+                                "median_ratio_to_matmul": 2.0},
+        "1_threads_2_workers": {"best_step_ms": 5.56, "median_step_ms": 6.0,
+                                "median_ratio_to_matmul": 3.5},
     }
-    two = transformer.rounds_summary(rounds[:2])["1_threads"]
+    two = transformer.rounds_summary(rounds[:2])["1_threads_1_workers"]
     assert two == {"best_step_ms": 10.12, "median_step_ms": 11.06,
                    "median_ratio_to_matmul": 2.062}
 
@@ -639,7 +671,7 @@ def test_rounds_summary_gives_the_best_and_median_step_per_thread_count():
 def test_bench_report_lays_out_the_summary_layers_and_memory():
     timings = [
         timing("1", 40.25, 2.5, {"embedding": 1.0, "h.0.attn": 3.0}),
-        timing("2", 25.0, 3.25, {"embedding": 2.0, "h.0.attn": 2.0}),
+        timing("1", 25.0, 3.25, {"embedding": 2.0, "h.0.attn": 2.0}, workers=2),
     ]
     memory = [
         {"block_size": 32, "kept_per_token": 2048.0, "peak_per_token": 5120.0},
@@ -648,11 +680,12 @@ def test_bench_report_lays_out_the_summary_layers_and_memory():
     assert transformer.bench_report(timings, memory).split("\n") == [
         "GPT: 4 layers, 4 heads, n_embd 128, block 64, batch 12, vocab 65, float32; "
         "789,760 parameters, 1.23 GFLOP a step",
-        " threads  fwd+bwd ms  tokens/s  GFLOP/s  matmul GFLOP/s  x matmul",
-        "       1        40.2    12,346      7.9            45.7      2.50",
-        "       2        25.0    12,346      7.9            45.7      3.25",
-        "per piece, ms per step (share of the step):",
-        "                             1 thr           2 thr",
+        " threads workers  fwd+bwd ms  tokens/s  GFLOP/s  matmul GFLOP/s  x matmul",
+        "       1       1        40.2    12,346      7.9            45.7      2.50",
+        "       1       2        25.0    12,346      7.9            45.7      3.25",
+        "per piece, ms per step (share of the step), threads x workers;",
+        "with workers, the pieces of one of them:",
+        "                             1 x 1           1 x 2",
         "         embedding     1.00 ( 25%)     2.00 ( 50%)",
         "          h.0.attn     3.00 ( 75%)     2.00 ( 50%)",
         "memory per token, KiB: kept for the backward pass / step's peak",
@@ -671,10 +704,11 @@ def fake_bench(monkeypatch):
     calls = {"threads": [], "memory": []}
     steps = iter([10.0, 12.0, 11.0, 9.0, 8.0])
 
-    def benchmark_threads(threads, **options):
-        calls["threads"].append((threads, options))
+    def benchmark_threads(threads, workers, **options):
+        calls["threads"].append((threads, workers, options))
         clock.advance(2.0)
-        return [timing(str(n), next(steps), 2.0, {"embedding": 1.0}) for n in threads]
+        return [timing(str(n), next(steps), 2.0, {"embedding": 1.0}, workers=w)
+                for n in threads for w in workers]
 
     def activation_memory(batch):
         calls["memory"].append(batch)
@@ -689,7 +723,7 @@ def test_bench_command_defaults(fake_bench, capsys):
     from scratchlm.cli import main
 
     assert main(["gpt", "bench"]) == 0
-    assert fake_bench["threads"] == [([1, 2], {"batch": 12, "repeat": 20})]
+    assert fake_bench["threads"] == [([1, 2], [1, 2], {"batch": 12, "repeat": 20})]
     assert fake_bench["memory"] == [12]
     out = capsys.readouterr().out
     assert out.startswith("GPT: 4 layers") and "over " not in out
@@ -700,10 +734,10 @@ def test_bench_command_rounds_record_and_json(fake_bench, capsys, tmp_path):
     from scratchlm.cli import main
 
     path = tmp_path / "bench.json"
-    argv = ["gpt", "bench", "--threads", "1,3", "--batch", "2", "--repeat", "4",
-            "--rounds", "2", "--record", str(path)]
+    argv = ["gpt", "bench", "--threads", "1,3", "--workers", "1", "--batch", "2",
+            "--repeat", "4", "--rounds", "2", "--record", str(path)]
     assert main(argv) == 0
-    assert fake_bench["threads"] == [([1, 3], {"batch": 2, "repeat": 4})] * 2
+    assert fake_bench["threads"] == [([1, 3], [1], {"batch": 2, "repeat": 4})] * 2
     assert fake_bench["memory"] == [2]
     rounds = [[timing("1", 10.0, 2.0, {"embedding": 1.0}),
                timing("3", 12.0, 2.0, {"embedding": 1.0})],
@@ -711,7 +745,8 @@ def test_bench_command_rounds_record_and_json(fake_bench, capsys, tmp_path):
                timing("3", 9.0, 2.0, {"embedding": 1.0})]]
     record = read_record(path)
     assert record["config"] == {"model": transformer.BENCH_CONFIG.to_dict(), "batch": 2,
-                                "repeat": 4, "rounds": 2, "threads": [1, 3]}
+                                "repeat": 4, "rounds": 2, "threads": [1, 3],
+                                "workers": [1]}
     assert record["metrics"] == transformer.rounds_summary(rounds)
     assert record["curves"] == {"rounds": rounds}
     assert record["elapsed_seconds"] == 4.0  # both rounds, on the fake clock
@@ -720,7 +755,8 @@ def test_bench_command_rounds_record_and_json(fake_bench, capsys, tmp_path):
     summary = transformer.rounds_summary(rounds)
     expected = [f"over 2 rounds, {key}: {value}" for key, value in summary.items()]
     assert out[-2:] == expected
-    assert main(["gpt", "bench", "--threads", "1", "--json", "--no-memory"]) == 0
+    argv = ["gpt", "bench", "--threads", "1", "--workers", "1", "--json", "--no-memory"]
+    assert main(argv) == 0
     assert fake_bench["memory"] == [2]  # --no-memory: not measured
     printed = json.loads(capsys.readouterr().out)
     timings = [timing("1", 8.0, 2.0, {"embedding": 1.0})]
@@ -734,6 +770,8 @@ def test_bench_command_rounds_record_and_json(fake_bench, capsys, tmp_path):
         (["--threads", "2,0"], "got '2,0'"),
         (["--threads", "a,b"], "got 'a,b'"),
         (["--threads", ""], "got ''"),
+        (["--workers", "0"], "--workers must be positive integers like 1,2, got '0'"),
+        (["--workers", "1,x"], "got '1,x'"),
         (["--batch", "0"], "--batch must be positive, got 0"),
         (["--repeat", "-1"], "--repeat must be positive, got -1"),
         (["--rounds", "0"], "--rounds must be positive, got 0"),
@@ -763,8 +801,8 @@ def test_bench_command_documents_itself_and_really_times_in_process(
     assert exited.value.code == 2
 
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # the count this process runs with
-    assert main(["gpt", "bench", "--json", "--threads", "1", "--repeat", "1", "--batch",
-                 "1", "--no-memory"]) == 0
+    assert main(["gpt", "bench", "--json", "--threads", "1", "--workers", "1", "--repeat",
+                 "1", "--batch", "1", "--no-memory"]) == 0
     (measured,) = json.loads(capsys.readouterr().out)["timings"]
     assert measured["n_params"] == count_params(transformer.BENCH_CONFIG)
     assert measured["step_ms"] > 0 and measured["ratio_to_matmul"] > 0
@@ -773,3 +811,113 @@ def test_bench_command_documents_itself_and_really_times_in_process(
     layers = measured["layers_ms"]
     assert len(layers) == 1 + 4 * 5 + 2
     assert all(math.isfinite(value) for value in layers.values())
+
+
+# --- data parallelism: replicas that share the parameters and split the batch ---------
+
+
+def gradients_of(model, step):
+    model.zero_grads()
+    loss = step()
+    return loss, {name: grad.copy() for name, grad in model.grads.items()}
+
+
+def one_model_step(model, ids, targets):
+    def step():
+        _, loss = model.forward(ids, targets)
+        model.backward()
+        return loss
+
+    return step
+
+
+@pytest.mark.parametrize("workers, batch", [(2, 5), (3, 7), (4, 2), (1, 3)])
+def test_data_parallel_gives_one_models_loss_and_gradient(workers, batch):
+    config = tiny_config(dtype="float64")
+    model = GPT(config, rng=rng(20))
+    ids, targets = ids_and_targets(config, batch=batch, seed=21)
+    targets[0, :-1] = IGNORE  # unequal shares of counted targets
+    if batch > 2:
+        targets[2] = IGNORE  # and one sequence that counts for nothing at all
+    loss, expected = gradients_of(model, one_model_step(model, ids, targets))
+    parallel = DataParallel(model, workers)
+    assert len(parallel.replicas) == workers and parallel.replicas[0] is model
+    parallel_loss, grads = gradients_of(
+        model, lambda: parallel.forward_backward(ids, targets)
+    )
+    assert parallel_loss == pytest.approx(loss, rel=1e-13)
+    for name, grad in expected.items():
+        np.testing.assert_allclose(grads[name], grad, rtol=1e-11, atol=1e-15)
+    model.zero_grads()
+    model.grads["wte.weight"] += 1.0  # it adds into the model's grads, as backward does
+    parallel.forward_backward(ids, targets)
+    np.testing.assert_allclose(model.grads["wte.weight"], expected["wte.weight"] + 1.0,
+                               rtol=1e-11)
+
+
+def test_data_parallel_is_deterministic_in_float32():
+    config = tiny_config()
+    model = GPT(config, rng=rng(22))
+    ids, targets = ids_and_targets(config, batch=6, seed=23)
+    parallel = DataParallel(model, 3)
+    first = gradients_of(model, lambda: parallel.forward_backward(ids, targets))
+    for _ in range(3):
+        again = gradients_of(model, lambda: parallel.forward_backward(ids, targets))
+        assert again[0] == first[0]
+        for name, grad in first[1].items():
+            np.testing.assert_array_equal(again[1][name], grad)
+            assert grad.dtype == np.float32
+
+
+def test_replicas_share_the_parameters_but_not_the_gradients():
+    config = tiny_config(dtype="float64")
+    model = GPT(config, rng=rng(24))
+    parallel = DataParallel(model, 2)
+    replica = parallel.replicas[1]
+    for name, param in model.params.items():
+        assert replica.params[name] is param  # an in-place update reaches both
+        assert replica.grads[name] is not model.grads[name]
+    for block, twin in zip(model.blocks, replica.blocks):
+        assert twin.attn.qkv.params["weight"] is block.attn.qkv.params["weight"]
+        assert twin.mlp is not block.mlp
+    model.params["wte.weight"] *= 2.0  # what an optimizer step does, in place
+    ids, targets = ids_and_targets(config, batch=2, seed=25)
+    loss, expected = gradients_of(model, one_model_step(model, ids, targets))
+    assert parallel.forward_backward(ids, targets) == pytest.approx(loss, rel=1e-13)
+
+
+@pytest.mark.parametrize(
+    "workers, ids, targets, message",
+    [
+        (0, None, None, "workers must be positive, got 0"),
+        (2, np.zeros((2, 3), int), np.zeros((2, 2), int),
+         "targets must have the shape of ids (2, 3), got (2, 2)"),
+        (2, np.zeros((2, 3), int), np.full((2, 3), IGNORE),
+         "every target is ignored"),
+        (2, np.zeros((2, 9), int), np.zeros((2, 9), int), "does not fit"),
+        (2, np.array([[0, 1], [2, 99]]), np.zeros((2, 2), int), "id 99 is out of range"),
+    ],
+)
+def test_data_parallel_bad_input_is_one_clear_error(workers, ids, targets, message):
+    model = GPT(tiny_config(), rng=rng(26))
+    with pytest.raises(ScratchLMError, match=re.escape(message)):
+        DataParallel(model, workers).forward_backward(ids, targets)
+
+
+def test_the_pytorch_reference_record_summarises_its_own_rounds():
+    """The record Chapter 5 compares against: PyTorch and our two-core settings, timed
+    in turn; its summary must be what its rounds say (the script needs PyTorch, which
+    the tests do not have, so the record is checked instead)."""
+    root = Path(__file__).resolve().parents[1]
+    record = read_record(root / "book/_runs/pytorch_reference.json")
+    rounds, metrics = record["curves"]["rounds"], record["metrics"]
+    assert len(rounds) == record["config"]["rounds"] >= 5
+    assert record["config"]["model"] == transformer.BENCH_CONFIG.to_dict()
+    assert metrics["torch"].startswith("2.")
+    settings = ["1_threads_2_workers", "2_threads_1_workers"]
+    for key in ["pytorch", *settings]:
+        steps = [row[key] for row in rounds]
+        assert metrics[f"median_{key}_ms"] == round(float(np.median(steps)), 2)
+    for key in settings:
+        ratios = [row[key] / row["pytorch"] for row in rounds]
+        assert metrics[f"median_ratio_{key}"] == round(float(np.median(ratios)), 3)
