@@ -450,6 +450,27 @@ def test_interleaved_timing_skips_the_warm_up_and_reports_medians(monkeypatch):
     assert all(type(value) is float for value in timed)
 
 
+def test_interleaved_timing_can_let_each_side_settle_before_it_is_timed(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(transformer, "time", clock)
+    calls = []
+
+    def task(name, seconds):
+        costs = iter(seconds)
+
+        def run():
+            calls.append(name)
+            clock.advance(next(costs))
+
+        return run
+
+    # per side: a warm-up, then per pair one untimed call (slow) and one timed call
+    work = task("w", [100.0, 50.0, 2.0, 50.0, 4.0])
+    reference = task("r", [100.0, 50.0, 1.0, 50.0, 1.0])
+    assert transformer.interleaved_seconds(work, reference, 2, settle=1) == (3.0, 1.0, 3.0)
+    assert calls == ["w", "r"] + ["w", "w", "r", "r"] * 2
+
+
 def slowed(method, seconds, clock):
     def slow(*args):
         clock.advance(seconds)

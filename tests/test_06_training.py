@@ -46,7 +46,7 @@ from scratchlm.train import (
     train_step,
     truncated,
 )
-from scratchlm.transformer import GPT, IGNORE, GPTConfig, cross_entropy
+from scratchlm.transformer import GPT, IGNORE, DataParallel, GPTConfig, cross_entropy
 
 TINY = {
     "n_layer": 1,
@@ -160,13 +160,13 @@ def test_clipping_scales_every_gradient_by_one_factor_and_returns_the_norm_befor
 # --- one step: gradient accumulation --------------------------------------------------
 
 
-def captured_gradient(state, data, config):
+def captured_gradient(state, data, config, parallel=None):
     """The gradient ``train_step`` hands to the optimizer (and the loss it reports)."""
     seen = {}
     state.optimizer.step = lambda grads, lr: seen.update(
         {name: grad.copy() for name, grad in grads.items()}
     )
-    loss, _, _ = train_step(state, data, config)
+    loss, _, _ = train_step(state, data, config, parallel)
     return loss, seen
 
 
@@ -198,6 +198,46 @@ def test_gradient_accumulation_equals_the_big_batch(masked, dtype, rtol):
     for name, grad in big.grads.items():
         scale = np.abs(grad).max()
         np.testing.assert_allclose(accumulated[name], grad, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-11), ("float32", 2e-4)])
+def test_a_step_shared_out_among_workers_is_the_same_step(dtype, rtol):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 11, size=500).astype(np.uint16)
+    mask = rng.random(500) < 0.3  # the workers' shares of targets differ
+    data = TokenData(ids, ids, mask, mask)
+    config = TrainConfig.from_dict(
+        {**TINY, "dtype": dtype, "grad_clip": 0.0, "batch_size": 5, "grad_accum": 2}
+    )
+    loss, alone = captured_gradient(start_state(config, 11), data, config)
+    state = start_state(config, 11)
+    parallel = DataParallel(state.model, 3)
+    shared_loss, shared = captured_gradient(state, data, config, parallel)
+    assert shared_loss == pytest.approx(loss, rel=rtol)
+    for name, grad in alone.items():
+        scale = np.abs(grad).max()
+        np.testing.assert_allclose(shared[name], grad, rtol=0, atol=rtol * scale)
+
+
+def test_training_with_two_workers_is_deterministic_and_follows_one(tmp_path):
+    ids = counting_ids()
+    data, tokenizer = TokenData(ids, ids), CharTokenizer("abcdefghijk")
+    runs = {}
+    for name, workers in [("one", 1), ("two", 2), ("two again", 2)]:
+        config = tiny_config(tmp_path / name, max_iters=12, workers=workers)
+        model, curves = train(config, data, tokenizer, log=io.StringIO())
+        runs[name] = (model, curves)
+    (one, one_curves), (two, two_curves), (again, again_curves) = runs.values()
+    assert two_curves["log_loss"] == again_curves["log_loss"]
+    for name, param in two.params.items():
+        np.testing.assert_array_equal(again.params[name], param)
+        np.testing.assert_allclose(param, one.params[name], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(two_curves["log_loss"], one_curves["log_loss"], rtol=1e-4)
+    # a run may go on with another number of workers: they change no setting of it
+    more = tiny_config(tmp_path / "two", max_iters=14, workers=1)
+    assert train(more, data, tokenizer, resume=True, log=io.StringIO())[1]["step"]
+    with pytest.raises(ScratchLMError, match="workers must be at least 1, got 0"):
+        tiny_config(tmp_path, workers=0)
 
 
 # --- data -----------------------------------------------------------------------------
@@ -1557,10 +1597,10 @@ def test_a_failed_step_says_which_checkpoint_is_left(tmp_path, monkeypatch):
 
     real_step = train_module.train_step
 
-    def train_step(state, data, config):
+    def train_step(state, data, config, parallel):
         if state.step == fail_at:
             raise ScratchLMError(f"boom at {state.step}")
-        return real_step(state, data, config)
+        return real_step(state, data, config, parallel)
 
     monkeypatch.setattr(train_module, "train_step", train_step)
     ids, tokenizer = counting_ids(), CharTokenizer("abcdefghijk")
@@ -1588,8 +1628,8 @@ def test_ctrl_c_in_process_saves_the_step_it_finished_and_says_how_to_go_on(
 
     real_step = train_module.train_step
 
-    def train_step(state, data, config):
-        result = real_step(state, data, config)
+    def train_step(state, data, config, parallel):
+        result = real_step(state, data, config, parallel)
         if state.step == 3:
             signal.raise_signal(signal.SIGINT)  # during step 3: it is finished first
         return result
