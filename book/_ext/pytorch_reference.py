@@ -9,7 +9,7 @@ PyTorch's step in this process with two threads, and ours in a child process for
 two-core setting (two workers of one BLAS thread, one model on two BLAS threads), all
 back to back after a warm-up; the record keeps every round.
 
-    python book/_ext/pytorch_reference.py --rounds 10 \\
+    python book/_ext/pytorch_reference.py --rounds 40 \\
         --record book/_runs/pytorch_reference.json
 
 The PyTorch model is nanoGPT's ``model.py`` (Karpathy, MIT licence), cut to what a
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from scratchlm.attention import median_seconds
 from scratchlm.runs import write_record
 from scratchlm.transformer import BENCH_BATCH, BENCH_CONFIG
 
@@ -104,14 +105,9 @@ def pytorch_step_ms(repeat: int, threads: int = 2, seed: int = 0) -> float:
         model.zero_grad(set_to_none=True)
         model(ids, targets).backward()
 
-    for _ in range(3):  # warm-up
+    for _ in range(2):  # warm-up, as ours (median_seconds makes one more call first)
         step()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return median_seconds(step, repeat) * 1e3
 
 
 OUR_STEP = """
