@@ -848,7 +848,7 @@ def test_import_without_the_token_embedding_names_it(tmp_path, tokenizer):
 
 
 def test_every_option_of_the_export_commands_says_what_it_does_in_help():
-    assert_documented("export", "import", description=False)
+    assert_documented("export", "import", "evaluate")
 
 
 # ---- what the mutation run of generate asked for ---------------------------------------
