@@ -691,8 +691,9 @@ def replay(record_path: Path, *, train_split: bool):
     curves = record["curves"]
     splits = ("train", "val") if train_split else ("val",)
     losses = estimate_loss(state.model, data, config, splits)
+    parallel = DataParallel(state.model, config.workers) if config.workers > 1 else None
     for _ in range(curves["log_step"][0]):
-        loss, norm, lr = train_step(state, data, config)
+        loss, norm, lr = train_step(state, data, config, parallel)
     assert losses["val"] == pytest.approx(curves["val_loss"][0], rel=1e-4)
     if train_split:
         assert losses["train"] == pytest.approx(curves["train_loss"][0], rel=1e-4)
@@ -701,7 +702,9 @@ def replay(record_path: Path, *, train_split: bool):
     assert lr == pytest.approx(curves["lr"][0], rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["shakespeare_char", "shakespeare_char_seed1338"])
+@pytest.mark.parametrize(
+    "name", ["shakespeare_char", "shakespeare_char_seed1338", "shakespeare_char_workers2"]
+)
 def test_the_shakespeare_records_replay(name):
     require_data("tinyshakespeare/input.txt")
     replay(ROOT / f"book/_runs/{name}.json", train_split=True)
