@@ -869,6 +869,14 @@ def test_data_parallel_gives_one_models_loss_and_gradient(workers, batch):
     assert parallel_loss == pytest.approx(loss, rel=1e-13)
     for name, grad in expected.items():
         np.testing.assert_allclose(grads[name], grad, rtol=1e-11, atol=1e-15)
+    if batch > workers:  # then a smaller batch: replicas left idle add nothing stale
+        small_ids, small_targets = ids[:2], targets[:2]
+        _, small = gradients_of(model, one_model_step(model, small_ids, small_targets))
+        _, shared_small = gradients_of(
+            model, lambda: parallel.forward_backward(small_ids, small_targets)
+        )
+        for name, grad in small.items():
+            np.testing.assert_allclose(shared_small[name], grad, rtol=1e-11, atol=1e-15)
     model.zero_grads()
     model.grads["wte.weight"] += 1.0  # it adds into the model's grads, as backward does
     parallel.forward_backward(ids, targets)

@@ -240,6 +240,34 @@ def test_training_with_two_workers_is_deterministic_and_follows_one(tmp_path):
         tiny_config(tmp_path, workers=0)
 
 
+def test_workers_run_with_one_blas_thread_each_and_the_rest_as_it_was(
+    tmp_path, monkeypatch
+):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from scratchlm import train as train_module
+
+    real_step, seen = train_module.train_step, []
+
+    def train_step(state, data, config, parallel):
+        seen.append((config.workers, parallel is not None, blas_threads()))
+        return real_step(state, data, config, parallel)
+
+    def blas_threads():
+        return {pool["num_threads"] for pool in threadpool_info()
+                if pool["user_api"] == "blas"}
+
+    monkeypatch.setattr(train_module, "train_step", train_step)
+    ids = counting_ids()
+    data, tokenizer = TokenData(ids, ids), CharTokenizer("abcdefghijk")
+    with threadpool_limits(2, "blas"):  # as a two-core machine starts
+        for workers in (2, 1):
+            config = tiny_config(tmp_path / str(workers), max_iters=2, workers=workers)
+            train(config, data, tokenizer, log=io.StringIO())
+        assert blas_threads() == {2}  # given back when the run ends
+    assert seen == [(2, True, {1})] * 2 + [(1, False, {2})] * 2
+
+
 # --- data -----------------------------------------------------------------------------
 
 
